@@ -1,0 +1,282 @@
+"""The one typed schema of `params.yaml`.
+
+Configuration enters a stage once, as a validated `Config`, and is passed down. Every section forbids unknown
+keys, so a typo is an error naming the key rather than a silently ignored setting. Service addresses are not
+here unless the user puts them here: by default they come from the standard environment variables
+(`RAY_ADDRESS`, `MLFLOW_TRACKING_URI`), and with neither set everything runs embedded.
+
+Imports only the standard library, pydantic and PyYAML, so any module may depend on it.
+"""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from resnet.errors import PipelineError
+
+DEFAULT_PARAMS = "params.yaml"
+
+
+class ConfigError(PipelineError):
+    """A params file that cannot be used; the message is one line naming the file and the key."""
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+# ---------------------------------------------------------------- data
+
+
+class SplitConfig(Section):
+    """Fractions of each class held out; the rest is the training split (stratified, seeded)."""
+
+    val: float = Field(0.15, gt=0, lt=0.5)
+    test: float = Field(0.15, gt=0, lt=0.5)
+
+
+class DataConfig(Section):
+    source: Literal["digits"] = "digits"
+    image_size: int = Field(32, ge=8, le=512)
+    split: SplitConfig = SplitConfig()
+    seed: int = Field(0, ge=0)
+
+
+class AugmentConfig(Section):
+    """Training-time augmentation, applied to uint8 batches (the seeds' recipe: pad-and-crop, flip)."""
+
+    crop_padding: int = Field(4, ge=0, le=64)
+    hflip: bool = False  # off by default: handwritten digits are not mirror-symmetric
+
+
+# ---------------------------------------------------------------- training
+
+
+class OptimizerConfig(Section):
+    """What a training run of either stage shares: optimiser, schedule, batch, epochs."""
+
+    epochs: int = Field(ge=1, le=10_000)
+    batch_size: int = Field(32, ge=1, le=65_536)  # global: split evenly over the Ray Train workers
+    lr: float = Field(gt=0, le=10)
+    momentum: float = Field(0.9, ge=0, lt=1)
+    nesterov: bool = False
+    weight_decay: float = Field(5e-4, ge=0, le=1)
+    label_smoothing: float = Field(0.0, ge=0, lt=1)
+    warmup_epochs: int = Field(0, ge=0)
+
+    @model_validator(mode="after")
+    def _warmup_within_epochs(self):
+        if self.warmup_epochs >= self.epochs and self.warmup_epochs > 0:
+            raise ValueError(f"warmup_epochs ({self.warmup_epochs}) must be less than epochs ({self.epochs})")
+        return self
+
+
+class PretrainConfig(OptimizerConfig):
+    model: str = "resnet20"
+    epochs: int = Field(6, ge=1, le=10_000)
+    lr: float = Field(0.1, gt=0, le=10)
+    zero_init_residual: bool = False
+    seed: int = Field(0, ge=0)
+
+    @field_validator("model")
+    @classmethod
+    def _known_model(cls, name: str) -> str:
+        from resnet.models import available_models  # torch-only; imported here to keep config light
+
+        valid = available_models()
+        if name not in valid:
+            raise ValueError(f"unknown model {name!r}: expected one of {', '.join(valid)}")
+        return name
+
+
+class FinetuneConfig(OptimizerConfig):
+    """One fine-tuning run from the pretrain checkpoint; the sweep overrides fields from `tune.search_space`."""
+
+    strategy: Literal["full", "linear_probe"] = "full"
+    epochs: int = Field(4, ge=1, le=10_000)
+    lr: float = Field(0.02, gt=0, le=10)
+    seed: int = Field(0, ge=0)
+
+
+# ---------------------------------------------------------------- sweep
+
+
+class LogUniform(Section):
+    distribution: Literal["loguniform"]
+    low: float = Field(gt=0)
+    high: float = Field(gt=0)
+
+    @model_validator(mode="after")
+    def _ordered(self):
+        if not self.low < self.high:
+            raise ValueError(f"low ({self.low}) must be less than high ({self.high})")
+        return self
+
+
+class Uniform(Section):
+    distribution: Literal["uniform"]
+    low: float
+    high: float
+
+    @model_validator(mode="after")
+    def _ordered(self):
+        if not self.low < self.high:
+            raise ValueError(f"low ({self.low}) must be less than high ({self.high})")
+        return self
+
+
+class RandInt(Section):
+    """Integers in [low, high): Ray Tune's convention (upper bound exclusive)."""
+
+    distribution: Literal["randint"]
+    low: int
+    high: int
+
+    @model_validator(mode="after")
+    def _ordered(self):
+        if not self.low < self.high:
+            raise ValueError(f"low ({self.low}) must be less than high ({self.high})")
+        return self
+
+
+class Choice(Section):
+    distribution: Literal["choice"]
+    values: list[Any] = Field(min_length=1)
+
+
+Distribution = Annotated[LogUniform | Uniform | RandInt | Choice, Field(discriminator="distribution")]
+
+
+class AshaConfig(Section):
+    """ASHA early stopping: a trial must survive `grace_period` epochs; each rung keeps 1/reduction_factor."""
+
+    grace_period: int = Field(1, ge=1)
+    reduction_factor: float = Field(2.0, gt=1)
+
+
+class TuneConfig(Section):
+    num_samples: int = Field(4, ge=1, le=10_000)
+    metric: Literal["val_acc", "val_loss"] = "val_acc"
+    asha: AshaConfig = AshaConfig()
+    max_concurrent_trials: int | None = Field(None, ge=1)  # None: as many as the cluster's CPUs allow
+    search_space: dict[str, Distribution] = Field(default_factory=dict)
+
+    @property
+    def mode(self) -> Literal["max", "min"]:
+        return "max" if self.metric == "val_acc" else "min"
+
+    @field_validator("search_space")
+    @classmethod
+    def _keys_are_finetune_fields(cls, space: dict[str, Any]) -> dict[str, Any]:
+        unknown = sorted(set(space) - set(FinetuneConfig.model_fields))
+        if unknown:
+            raise ValueError(
+                f"unknown key(s) {', '.join(unknown)}: expected fields of finetune "
+                f"({', '.join(sorted(FinetuneConfig.model_fields))})"
+            )
+        return space
+
+
+# ---------------------------------------------------------------- services
+
+
+class RayConfig(Section):
+    """How training scales. The cluster itself comes from `address`, else `RAY_ADDRESS`, else a local one."""
+
+    address: str | None = None
+    num_workers: int = Field(2, ge=1)
+    cpus_per_worker: float = Field(1.0, gt=0)
+    use_gpu: bool = False
+    storage_path: str = "runs/ray"  # local directory (relative to the repo) or s3://bucket/prefix
+
+
+class MlflowConfig(Section):
+    """Tracking: `tracking_uri`, else `MLFLOW_TRACKING_URI`, else an embedded SQLite store in the repo."""
+
+    tracking_uri: str | None = None
+    experiment: str = Field("resnet-pipeline", min_length=1)
+
+
+class RegisterConfig(Section):
+    model_name: str = Field("resnet-digits", min_length=1, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+    alias: str = Field("champion", min_length=1, pattern=r"^[A-Za-z_][A-Za-z0-9_-]*$")
+
+
+with warnings.catch_warnings():
+    # `register` (the stage's name) shadows ABCMeta.register, a class-level method no one calls on a Config.
+    warnings.filterwarnings("ignore", message='Field name "register"')
+
+    class Config(Section):
+        data: DataConfig = DataConfig()
+        augment: AugmentConfig = AugmentConfig()
+        pretrain: PretrainConfig = PretrainConfig()
+        finetune: FinetuneConfig = FinetuneConfig()
+        tune: TuneConfig = TuneConfig()
+        ray: RayConfig = RayConfig()
+        mlflow: MlflowConfig = MlflowConfig()
+        register: RegisterConfig = RegisterConfig()
+
+
+# ---------------------------------------------------------------- loading
+
+
+def _format_error(source: str, err: ValidationError) -> str:
+    first = err.errors()[0]
+    key = ".".join(str(part) for part in first["loc"]) or "(top level)"
+    if first["type"] == "extra_forbidden":
+        message = "unknown key"
+    else:
+        message = first["msg"].removeprefix("Value error, ")
+        if "input" in first and first["type"] not in ("missing",) and not isinstance(first["input"], dict):
+            message += f" (got {first['input']!r})"
+    more = len(err.errors()) - 1
+    return f"{source}: {key}: {message}" + (f" (and {more} more error{'s' * (more > 1)})" if more else "")
+
+
+def parse_config(raw: Any, source: str = DEFAULT_PARAMS) -> Config:
+    """Validate a mapping (as read from YAML) into a `Config`, or raise one-line `ConfigError`."""
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError(
+            f"{source}: expected a mapping of sections at the top level, got {type(raw).__name__}"
+        )
+    try:
+        return Config.model_validate(raw)
+    except ValidationError as err:
+        raise ConfigError(_format_error(source, err)) from None
+
+
+def load_config(path: str | Path = DEFAULT_PARAMS, overrides: dict[str, Any] | None = None) -> Config:
+    """Read and validate a params file; `overrides` maps dotted keys ("pretrain.epochs") to values."""
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: no such params file") from None
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark is not None else ""
+        raise ConfigError(f"{path}: not valid YAML{where}") from None
+    for dotted, value in (overrides or {}).items():
+        raw = set_dotted(raw or {}, dotted, value)
+    return parse_config(raw, str(path))
+
+
+def set_dotted(raw: dict[str, Any], dotted: str, value: Any) -> dict[str, Any]:
+    """Return a copy of `raw` with `a.b.c` set to `value`, creating intermediate mappings."""
+    out = dict(raw)
+    head, _, rest = dotted.partition(".")
+    if rest:
+        inner = out.get(head)
+        out[head] = set_dotted(inner if isinstance(inner, dict) else {}, rest, value)
+    else:
+        out[head] = value
+    return out

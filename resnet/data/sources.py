@@ -1,0 +1,61 @@
+"""Image sources. Each returns every image of a dataset as uint8 RGB (N, H, W, 3), integer labels, class names."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+from PIL import Image
+
+from resnet.errors import DataError
+
+
+@dataclass(frozen=True)
+class RawDataset:
+    images: np.ndarray  # uint8 (N, H, W, 3)
+    labels: np.ndarray  # int64 (N,)
+    classes: tuple[str, ...]
+
+    def __post_init__(self):
+        if self.images.dtype != np.uint8 or self.images.ndim != 4 or self.images.shape[-1] != 3:
+            raise DataError(f"images must be uint8 (N, H, W, 3), got {self.images.dtype} {self.images.shape}")
+        if len(self.labels) != len(self.images):
+            raise DataError(f"{len(self.labels)} labels for {len(self.images)} images")
+
+
+def resize_rgb(images: np.ndarray, size: int) -> np.ndarray:
+    """Bilinear resize of uint8 (N, H, W) or (N, H, W, 3) images to (N, size, size, 3) RGB; deterministic."""
+    out = np.empty((len(images), size, size, 3), dtype=np.uint8)
+    for i, image in enumerate(images):
+        pil = Image.fromarray(image).convert("RGB")
+        if pil.size != (size, size):
+            pil = pil.resize((size, size), Image.Resampling.BILINEAR)
+        out[i] = np.asarray(pil)
+    return out
+
+
+def load_digits(image_size: int) -> RawDataset:
+    """scikit-learn's bundled handwritten digits (1,797 8×8 images, 10 classes): offline, no download.
+
+    Pixel values 0..16 are rescaled to 0..255 and the images upscaled to `image_size` (bilinear), as RGB so that
+    the same 3-channel models (and torchvision weights) apply.
+    """
+    from sklearn.datasets import load_digits as sklearn_digits  # heavy import, only when this source is used
+
+    bunch = sklearn_digits()
+    gray = np.rint(bunch.images * (255.0 / 16.0)).clip(0, 255).astype(np.uint8)
+    classes = tuple(str(name) for name in bunch.target_names)
+    return RawDataset(resize_rgb(gray, image_size), bunch.target.astype(np.int64), classes)
+
+
+SOURCES = {"digits": load_digits}
+
+
+def load_source(name: str, image_size: int) -> RawDataset:
+    try:
+        loader = SOURCES[name]
+    except KeyError:
+        raise DataError(
+            f"unknown data source {name!r}: expected one of {', '.join(sorted(SOURCES))}"
+        ) from None
+    return loader(image_size)

@@ -1,0 +1,264 @@
+"""The training loop, plain PyTorch: optimiser, schedule, one epoch of training, evaluation, model files.
+
+No Ray and no MLflow here, so the same step runs on a GPU box that has only torch, in a plain single-process
+baseline, and inside a Ray Train worker (which only adds the process group and a report callback). Under
+`torch.distributed` every metric is summed over ranks before it is returned, so rank 0's numbers describe the
+whole dataset, not its own shard.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import tempfile
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from resnet.data.loading import Normalize, PreparedData, eval_batches, random_crop_flip, train_batches
+from resnet.models import build_model
+
+
+@dataclass
+class EpochStats:
+    loss_sum: float = 0.0
+    correct: int = 0
+    count: int = 0
+
+    def add(self, loss: torch.Tensor, logits: torch.Tensor, labels: torch.Tensor) -> None:
+        self.loss_sum += float(loss) * len(labels)
+        self.correct += int((logits.argmax(1) == labels).sum())
+        self.count += len(labels)
+
+    def all_reduce(self) -> EpochStats:
+        """Sum over all ranks (a no-op outside torch.distributed)."""
+        if dist.is_available() and dist.is_initialized():
+            totals = torch.tensor([self.loss_sum, self.correct, self.count], dtype=torch.float64)
+            dist.all_reduce(totals)
+            self.loss_sum, self.correct, self.count = float(totals[0]), int(totals[1]), int(totals[2])
+        return self
+
+    @property
+    def loss(self) -> float:
+        return self.loss_sum / max(self.count, 1)
+
+    @property
+    def accuracy(self) -> float:
+        return self.correct / max(self.count, 1)
+
+
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """Trainable parameters in two groups: weight decay on conv/linear weights only, none on BN and biases
+    (decaying BN's scale fights the normalisation and slightly hurts accuracy; timm and torchvision do this)."""
+    decay, no_decay = [], []
+    for param in model.parameters():
+        if param.requires_grad:
+            (no_decay if param.ndim <= 1 else decay).append(param)
+    return [
+        {"params": decay, "weight_decay": weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
+
+
+def build_optimizer(model: nn.Module, optim) -> torch.optim.Optimizer:
+    """SGD with momentum from an `OptimizerConfig` (lr, momentum, nesterov, weight_decay)."""
+    return torch.optim.SGD(
+        param_groups(model, optim.weight_decay),
+        lr=optim.lr,
+        momentum=optim.momentum,
+        nesterov=optim.nesterov and optim.momentum > 0,
+    )
+
+
+def warmup_cosine(total_steps: int, warmup_steps: int) -> Callable[[int], float]:
+    """LR multiplier per optimiser step: linear warmup from ~0 to 1, then cosine decay to 0 at `total_steps`."""
+
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / warmup_steps
+        progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+        return 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
+
+    return factor
+
+
+def build_scheduler(optimizer: torch.optim.Optimizer, optim, steps_per_epoch: int):
+    return torch.optim.lr_scheduler.LambdaLR(
+        optimizer, warmup_cosine(optim.epochs * steps_per_epoch, optim.warmup_epochs * steps_per_epoch)
+    )
+
+
+def set_train_mode(model: nn.Module, freeze_bn: bool) -> None:
+    """Train mode, except that frozen BatchNorm layers keep using (and not updating) their running statistics."""
+    model.train()
+    if freeze_bn:
+        for module in model.modules():
+            if isinstance(module, nn.modules.batchnorm._BatchNorm):
+                module.eval()
+
+
+def train_epoch(
+    model: nn.Module,
+    batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
+    optimizer: torch.optim.Optimizer,
+    scheduler,
+    normalize: Normalize,
+    *,
+    crop_padding: int,
+    hflip: bool,
+    label_smoothing: float,
+    device: torch.device,
+    generator: torch.Generator,
+    freeze_bn: bool = False,
+) -> EpochStats:
+    set_train_mode(model, freeze_bn)
+    stats = EpochStats()
+    for images, labels in batches:
+        images = random_crop_flip(images, padding=crop_padding, hflip=hflip, generator=generator)
+        images, labels = normalize(images.to(device, non_blocking=True)), labels.to(device, non_blocking=True)
+        logits = model(images)
+        loss = nn.functional.cross_entropy(logits, labels, label_smoothing=label_smoothing)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        scheduler.step()
+        stats.add(loss.detach(), logits.detach(), labels)
+    return stats.all_reduce()
+
+
+@torch.no_grad()
+def evaluate(
+    model: nn.Module,
+    batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
+    normalize: Normalize,
+    *,
+    device: torch.device,
+    confusion: torch.Tensor | None = None,
+) -> EpochStats:
+    """Loss and accuracy over all ranks' shards; fills `confusion[true, predicted]` if given (this rank only)."""
+    model.eval()
+    stats = EpochStats()
+    for images, labels in batches:
+        images, labels = normalize(images.to(device)), labels.to(device)
+        logits = model(images)
+        stats.add(nn.functional.cross_entropy(logits, labels), logits, labels)
+        if confusion is not None:
+            pairs = labels.cpu() * confusion.shape[1] + logits.argmax(1).cpu()
+            confusion += torch.bincount(pairs, minlength=confusion.numel()).view_as(confusion)
+    return stats.all_reduce()
+
+
+@dataclass
+class TrainState:
+    """Everything needed to continue a run after the last finished epoch."""
+
+    epoch: int  # the next epoch to run
+    model: dict
+    optimizer: dict
+    scheduler: dict
+
+
+def fit(
+    model: nn.Module,
+    data: PreparedData,
+    optim,
+    augment,
+    *,
+    device: torch.device,
+    rank: int = 0,
+    world_size: int = 1,
+    freeze_bn: bool = False,
+    resume: TrainState | None = None,
+    on_epoch_end: Callable[[dict[str, float], TrainState], None] | None = None,
+) -> nn.Module:
+    """Train `model` for `optim.epochs` epochs on `data`'s train split, validating after every epoch.
+
+    `optim` is an `OptimizerConfig`, `augment` an `AugmentConfig`. Under torch.distributed the model is wrapped
+    in DDP here and each rank trains on its shard with `optim.batch_size // world_size` images per step. After
+    each epoch `on_epoch_end(metrics, state)` is called on every rank (metrics are global). Returns the
+    unwrapped model.
+    """
+    model.to(device)
+    net = nn.parallel.DistributedDataParallel(model) if world_size > 1 else model
+    per_rank_batch = max(1, optim.batch_size // world_size)
+    train, val = data.splits["train"], data.splits["val"]
+    steps_per_epoch = math.ceil(math.ceil(len(train) / world_size) / per_rank_batch)
+    optimizer = build_optimizer(model, optim)
+    scheduler = build_scheduler(optimizer, optim, steps_per_epoch)
+    start_epoch = 0
+    if resume is not None:
+        model.load_state_dict(resume.model)
+        optimizer.load_state_dict(resume.optimizer)
+        scheduler.load_state_dict(resume.scheduler)
+        start_epoch = resume.epoch
+    normalize = Normalize(data.mean, data.std).to(device)
+    for epoch in range(start_epoch, optim.epochs):
+        # Augmentation randomness differs per rank and epoch but is reproducible from the seed.
+        generator = torch.Generator().manual_seed(optim.seed * 100_003 + epoch * 1_009 + rank)
+        started = time.perf_counter()
+        train_stats = train_epoch(
+            net,
+            train_batches(
+                train, per_rank_batch, epoch=epoch, seed=optim.seed, rank=rank, world_size=world_size
+            ),
+            optimizer,
+            scheduler,
+            normalize,
+            crop_padding=augment.crop_padding,
+            hflip=augment.hflip,
+            label_smoothing=optim.label_smoothing,
+            device=device,
+            generator=generator,
+            freeze_bn=freeze_bn,
+        )
+        train_seconds = time.perf_counter() - started
+        val_stats = evaluate(
+            net, eval_batches(val, 256, rank=rank, world_size=world_size), normalize, device=device
+        )
+        metrics = {
+            "epoch": epoch + 1,
+            "train_loss": train_stats.loss,
+            "train_acc": train_stats.accuracy,
+            "val_loss": val_stats.loss,
+            "val_acc": val_stats.accuracy,
+            "lr": scheduler.get_last_lr()[0],
+            "images_per_sec": train_stats.count / train_seconds,
+            "epoch_seconds": time.perf_counter() - started,
+        }
+        if on_epoch_end is not None:
+            state = TrainState(epoch + 1, model.state_dict(), optimizer.state_dict(), scheduler.state_dict())
+            on_epoch_end(metrics, state)
+    return model
+
+
+# ---------------------------------------------------------------- model files
+
+
+def save_model_file(path: str | Path, model: nn.Module, meta: dict[str, Any]) -> None:
+    """Weights plus what is needed to rebuild and feed the model (name, classes, normalisation), written to a
+    temporary file and renamed, so a reader never sees half a file. Loadable with `weights_only=True`."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    os.close(fd)
+    try:
+        torch.save({"meta": meta, "model": model.state_dict()}, tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def load_model_file(path: str | Path, map_location: str | torch.device = "cpu") -> tuple[nn.Module, dict]:
+    """Rebuild the model saved by `save_model_file`; returns (model in eval mode, meta)."""
+    blob = torch.load(path, map_location=map_location, weights_only=True)
+    meta = blob["meta"]
+    model = build_model(meta["model_name"], meta["num_classes"])
+    model.load_state_dict(blob["model"], strict=True)
+    return model.eval(), meta

@@ -1,0 +1,141 @@
+"""MLflow: where runs go, and a small handle for logging to one run from any process.
+
+Embedded by default: a SQLite store and an artifact directory in the repository, no server. `mlflow.tracking_uri`
+in params.yaml, or the standard `MLFLOW_TRACKING_URI`, points the same code at a tracking server.
+
+Runs are addressed by id through `MlflowClient` rather than through mlflow's global "active run", because the
+process that creates a run (a stage, a Tune trial) is often not the one that logs its epochs (Ray Train's rank 0).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")  # no phoning home from a pipeline
+
+import mlflow  # noqa: E402
+from mlflow.tracking import MlflowClient  # noqa: E402
+
+EMBEDDED_DB = "mlruns.db"
+EMBEDDED_ARTIFACTS = "mlartifacts"
+
+
+def resolve_tracking_uri(configured: str | None, root: str | Path = ".") -> str:
+    """params.yaml's value, else MLFLOW_TRACKING_URI, else the embedded SQLite store under `root`."""
+    uri = configured or os.environ.get("MLFLOW_TRACKING_URI")
+    if uri:
+        return uri
+    return f"sqlite:///{Path(root).resolve() / EMBEDDED_DB}"
+
+
+def redact(uri: str) -> str:
+    """A URI fit for logs and tags: credentials (user:password@) removed."""
+    return re.sub(r"//[^/@]*@", "//***@", uri)
+
+
+def get_experiment_id(tracking_uri: str, name: str, root: str | Path = ".") -> str:
+    """The experiment's id, creating it if needed. With the embedded SQLite store its artifacts go to
+    `root/mlartifacts` (an absolute path, so that runs logged from Ray workers, whose working directory is
+    elsewhere, land in the same place)."""
+    client = MlflowClient(tracking_uri)
+    experiment = client.get_experiment_by_name(name)
+    if experiment is not None:
+        return experiment.experiment_id
+    location = None
+    if tracking_uri.startswith("sqlite:"):
+        location = (Path(root).resolve() / EMBEDDED_ARTIFACTS).as_uri()
+    try:
+        return client.create_experiment(name, artifact_location=location)
+    except mlflow.exceptions.MlflowException:
+        # Another process created it between our lookup and our create.
+        return client.get_experiment_by_name(name).experiment_id
+
+
+def git_commit(root: str | Path = ".") -> str | None:
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=5, check=True
+        )
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() or None
+
+
+def flatten(params: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
+    """Nested config → MLflow params ("pretrain.lr" → "0.1")."""
+    flat = {}
+    for key, value in params.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, Mapping):
+            flat.update(flatten(value, f"{name}."))
+        else:
+            flat[name] = str(value)
+    return flat
+
+
+@dataclass(frozen=True)
+class RunHandle:
+    """Enough to log to an existing run from any process: picklable, so it travels to Ray workers."""
+
+    tracking_uri: str
+    run_id: str
+
+    @property
+    def client(self) -> MlflowClient:
+        return MlflowClient(self.tracking_uri)
+
+    def log_params(self, params: Mapping[str, Any]) -> None:
+        flat = flatten(params)
+        items = list(flat.items())
+        for start in range(0, len(items), 100):  # MLflow caps a batch at 100 params
+            batch = [mlflow.entities.Param(k, v) for k, v in items[start : start + 100]]
+            self.client.log_batch(self.run_id, params=batch)
+
+    def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None:
+        now = int(time.time() * 1000)
+        batch = [mlflow.entities.Metric(k, float(v), now, step or 0) for k, v in metrics.items()]
+        self.client.log_batch(self.run_id, metrics=batch)
+
+    def set_tags(self, tags: Mapping[str, Any]) -> None:
+        self.client.log_batch(self.run_id, tags=[mlflow.entities.RunTag(k, str(v)) for k, v in tags.items()])
+
+    def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
+        self.client.log_artifact(self.run_id, str(path), artifact_path)
+
+    def end(self, status: str = "FINISHED") -> None:
+        self.client.set_terminated(self.run_id, status)
+
+    def __enter__(self) -> RunHandle:
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        self.end("FINISHED" if exc_type is None else "FAILED")
+
+
+def start_run(
+    tracking_uri: str,
+    experiment: str,
+    name: str,
+    *,
+    root: str | Path = ".",
+    parent: RunHandle | None = None,
+    tags: Mapping[str, Any] | None = None,
+) -> RunHandle:
+    """Create a run (a child of `parent` if given: it nests under it in the UI) and return its handle."""
+    experiment_id = get_experiment_id(tracking_uri, experiment, root)
+    all_tags = {"mlflow.runName": name, "mlflow.source.name": "resnet-pipeline"}
+    commit = git_commit(root)
+    if commit:
+        all_tags["mlflow.source.git.commit"] = commit
+    if parent is not None:
+        all_tags["mlflow.parentRunId"] = parent.run_id
+    all_tags.update({k: str(v) for k, v in (tags or {}).items()})
+    run = MlflowClient(tracking_uri).create_run(experiment_id, tags=all_tags, run_name=name)
+    return RunHandle(tracking_uri, run.info.run_id)

@@ -1,0 +1,138 @@
+"""End to end: `dvc repro` of the whole pipeline in a temporary copy of the project, with tiny settings, against
+a real Ray cluster and the embedded MLflow store; then the registered model is loaded by its alias."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+pytestmark = pytest.mark.integration
+
+TINY = {
+    "data": {"image_size": 16},
+    "pretrain": {"epochs": 2},
+    "finetune": {"epochs": 2},
+    "tune": {"num_samples": 2},
+}
+
+
+def _merge(base: dict, update: dict) -> dict:
+    out = dict(base)
+    for key, value in update.items():
+        out[key] = _merge(base.get(key, {}), value) if isinstance(value, dict) else value
+    return out
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory, repo_root: Path, ray_address: str) -> dict:
+    """A git + DVC copy of the project with tiny params, after one `dvc repro`."""
+    work = tmp_path_factory.mktemp("project")
+    for name in ("resnet", "pipelines"):
+        shutil.copytree(repo_root / name, work / name, ignore=shutil.ignore_patterns("__pycache__"))
+    for name in ("dvc.yaml", ".dvcignore"):
+        if (repo_root / name).exists():
+            shutil.copy(repo_root / name, work / name)
+    (work / ".dvc").mkdir()
+    shutil.copy(repo_root / ".dvc" / "config", work / ".dvc" / "config")
+    params = _merge(yaml.safe_load((repo_root / "params.yaml").read_text()), TINY)
+    (work / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    subprocess.run(["git", "init", "-q"], cwd=work, check=True)
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "RAY_ADDRESS"))}
+    env |= {
+        "RAY_ADDRESS": ray_address,
+        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}",  # dvc.yaml's `python`
+        "PYTHONUNBUFFERED": "1",
+    }
+
+    def repro() -> subprocess.CompletedProcess:
+        return subprocess.run(
+            [sys.executable, "-m", "dvc", "repro"],
+            cwd=work,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=1200,
+        )
+
+    first = repro()
+    assert first.returncode == 0, first.stdout[-4000:] + first.stderr[-4000:]
+    return {"dir": work, "first": first, "repro": repro, "params": params}
+
+
+def _client(work: Path):
+    from mlflow.tracking import MlflowClient
+
+    return MlflowClient(f"sqlite:///{work / 'mlruns.db'}")
+
+
+def test_every_stage_ran_and_wrote_its_outputs(project):
+    work, out = project["dir"], project["first"].stdout
+    for stage in ("prepare", "pretrain", "tune", "evaluate", "register"):
+        assert f"Running stage '{stage}'" in out
+    manifest = json.loads((work / "data/prepared/manifest.json").read_text())
+    assert manifest["image_shape"] == [16, 16, 3]
+    assert sum(manifest["counts"][s]["total"] for s in ("train", "val", "test")) == 1797
+    eval_metrics = json.loads((work / "metrics/eval.json").read_text())
+    assert eval_metrics["test_images"] == manifest["counts"]["test"]["total"]
+    assert eval_metrics["test_acc"] > 0.5  # chance is 0.1; two epochs on digits reach far more
+    lines = (work / "plots/confusion.csv").read_text().splitlines()
+    assert lines[0] == "actual,predicted" and len(lines) == 1 + eval_metrics["test_images"]
+
+
+def test_registered_model_loads_by_alias_and_predicts(project):
+    import mlflow
+    import torch
+
+    work = project["dir"]
+    record = json.loads((work / "registry/registered.json").read_text())
+    assert record["alias"] == "champion" and record["name"] == "resnet-digits"
+    assert record["model_uri"] == "models:/resnet-digits@champion"
+    client = _client(work)
+    assert client.get_model_version_by_alias("resnet-digits", "champion").version == record["version"]
+    mlflow.set_tracking_uri(f"sqlite:///{work / 'mlruns.db'}")
+    model = mlflow.pytorch.load_model(record["model_uri"])
+    images = torch.rand(5, 3, 16, 16)
+    logits = model(images)
+    assert tuple(logits.shape) == (5, 10)
+    assert torch.isfinite(logits).all()
+
+
+def test_mlflow_has_runs_curves_and_nested_trials(project):
+    work = project["dir"]
+    client = _client(work)
+    experiment = client.get_experiment_by_name("resnet-pipeline")
+    runs = client.search_runs([experiment.experiment_id])
+    by_stage = {}
+    for run in runs:
+        by_stage.setdefault(run.data.tags.get("pipeline.stage"), []).append(run)
+    pretrain = by_stage["pretrain"][0]
+    assert pretrain.info.status == "FINISHED"
+    assert pretrain.data.params["pretrain.model"] == "resnet20"
+    curve = client.get_metric_history(pretrain.info.run_id, "val_acc")
+    assert [m.step for m in curve] == [1, 2]  # one point per epoch, logged by rank 0
+
+    tune_parent = next(r for r in by_stage["tune"] if "mlflow.parentRunId" not in r.data.tags)
+    trials = [r for r in by_stage["tune"] if r.data.tags.get("mlflow.parentRunId") == tune_parent.info.run_id]
+    sweep = (work / "plots/sweep.csv").read_text().splitlines()
+    assert len(trials) == len(sweep) - 1 == project["params"]["tune"]["num_samples"]
+    for trial in trials:
+        assert trial.info.status == "FINISHED"
+        assert client.get_metric_history(trial.info.run_id, "val_acc")  # per-epoch curve
+
+
+def test_second_repro_changes_nothing(project):
+    work = project["dir"]
+    registered = (work / "registry/registered.json").read_bytes()
+    second = project["repro"]()
+    assert second.returncode == 0, second.stderr[-2000:]
+    assert "Running stage" not in second.stdout
+    assert "Data and pipelines are up to date." in second.stdout
+    assert (work / "registry/registered.json").read_bytes() == registered
