@@ -16,19 +16,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")  # no usage reports from a pipeline
+import ray
+import ray.train
+import torch
+from ray.train import Checkpoint, CheckpointConfig, RunConfig, ScalingConfig
+from ray.train.torch import TorchTrainer
 
-import ray  # noqa: E402
-import ray.train  # noqa: E402
-import torch  # noqa: E402
-from ray.train import Checkpoint, CheckpointConfig, RunConfig, ScalingConfig  # noqa: E402
-from ray.train.torch import TorchTrainer  # noqa: E402
-
-from resnet.config import AugmentConfig, FinetuneConfig, PretrainConfig, RayConfig  # noqa: E402
-from resnet.data.loading import load_prepared  # noqa: E402
-from resnet.engine import TrainState, fit, load_model_file, save_model_file  # noqa: E402
-from resnet.finetune import apply_strategy, replace_head  # noqa: E402
-from resnet.models import build_model  # noqa: E402
+from resnet.config import AugmentConfig, FinetuneConfig, PretrainConfig, RayConfig
+from resnet.data.loading import load_prepared
+from resnet.engine import TrainState, fit, load_model_file, save_model_file
+from resnet.finetune import apply_strategy, replace_head
+from resnet.models import build_model
 
 STATE_FILE = "state.pt"  # full training state, to resume
 MODEL_FILE = "model.pt"  # weights + meta, what the stages hand on

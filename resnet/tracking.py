@@ -10,7 +10,6 @@ process that creates a run (a stage, a Tune trial) is often not the one that log
 from __future__ import annotations
 
 import os
-import re
 import subprocess
 import time
 from collections.abc import Mapping
@@ -18,10 +17,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")  # no phoning home from a pipeline
-
-import mlflow  # noqa: E402
-from mlflow.tracking import MlflowClient  # noqa: E402
+import mlflow
+from mlflow.tracking import MlflowClient
 
 EMBEDDED_DB = "mlruns.db"
 EMBEDDED_ARTIFACTS = "mlartifacts"
@@ -33,11 +30,6 @@ def resolve_tracking_uri(configured: str | None, root: str | Path = ".") -> str:
     if uri:
         return uri
     return f"sqlite:///{Path(root).resolve() / EMBEDDED_DB}"
-
-
-def redact(uri: str) -> str:
-    """A URI fit for logs and tags: credentials (user:password@) removed."""
-    return re.sub(r"//[^/@]*@", "//***@", uri)
 
 
 def get_experiment_id(tracking_uri: str, name: str, root: str | Path = ".") -> str:

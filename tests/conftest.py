@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import pytest
@@ -19,8 +18,9 @@ def repo_root() -> Path:
 def ray_address(tmp_path_factory) -> str:
     """A local Ray cluster started by this test session (dashboard on 127.0.0.1, as Tune needs on 2 CPUs);
     stages run as subprocesses join it through RAY_ADDRESS, exactly as they would join a real cluster."""
-    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     import ray
+
+    import resnet  # noqa: F401  (sets Ray's environment defaults before Ray is imported)
 
     ray.init(num_cpus=2, include_dashboard=True, dashboard_host="127.0.0.1", log_to_driver=False)
     try:
