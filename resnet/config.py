@@ -15,7 +15,14 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from resnet.errors import PipelineError
 
@@ -28,6 +35,18 @@ class ConfigError(PipelineError):
 
 class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_bool_for_numbers(cls, raw: Any) -> Any:
+        # pydantic's lax mode reads `epochs: true` as 1; in a params file that is a mistake, not a number.
+        if isinstance(raw, dict):
+            for key, value in raw.items():
+                field = cls.model_fields.get(key)
+                if isinstance(value, bool) and field is not None and field.annotation is not bool:
+                    # "@key:" tells _format_error to report the field's own dotted path, not the section's.
+                    raise ValueError(f"@{key}: expected a number, got a boolean ({str(value).lower()})")
+        return raw
 
 
 # ---------------------------------------------------------------- data
@@ -232,10 +251,20 @@ def _format_error(source: str, err: ValidationError) -> str:
         message = "unknown key"
     else:
         message = first["msg"].removeprefix("Value error, ")
-        if "input" in first and first["type"] not in ("missing",) and not isinstance(first["input"], dict):
+        if message.startswith("@"):
+            field, _, message = message[1:].partition(": ")
+            key = f"{key}.{field}" if first["loc"] else field
+        elif "input" in first and first["type"] not in ("missing",) and not isinstance(first["input"], dict):
             message += f" (got {first['input']!r})"
     more = len(err.errors()) - 1
     return f"{source}: {key}: {message}" + (f" (and {more} more error{'s' * (more > 1)})" if more else "")
+
+
+def _check_mapping(raw: Any, source: str) -> None:
+    if raw is not None and not isinstance(raw, dict):
+        raise ConfigError(
+            f"{source}: expected a mapping of sections at the top level, got {type(raw).__name__}"
+        )
 
 
 def parse_config(raw: Any, source: str = DEFAULT_PARAMS) -> Config:
@@ -247,7 +276,7 @@ def parse_config(raw: Any, source: str = DEFAULT_PARAMS) -> Config:
             f"{source}: expected a mapping of sections at the top level, got {type(raw).__name__}"
         )
     try:
-        return Config.model_validate(raw)
+        return Config.model_validate(raw or {})
     except ValidationError as err:
         raise ConfigError(_format_error(source, err)) from None
 
@@ -256,15 +285,22 @@ def load_config(path: str | Path = DEFAULT_PARAMS, overrides: dict[str, Any] | N
     """Read and validate a params file; `overrides` maps dotted keys ("pretrain.epochs") to values."""
     path = Path(path)
     try:
-        text = path.read_text()
+        text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
         raise ConfigError(f"{path}: no such params file") from None
+    except IsADirectoryError:
+        raise ConfigError(f"{path}: is a directory, expected a params file") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path}: not UTF-8 text") from None
+    except OSError as err:
+        raise ConfigError(f"{path}: cannot read ({err.strerror})") from None
     try:
         raw = yaml.safe_load(text)
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         where = f" at line {mark.line + 1}" if mark is not None else ""
         raise ConfigError(f"{path}: not valid YAML{where}") from None
+    _check_mapping(raw, str(path))
     for dotted, value in (overrides or {}).items():
         raw = set_dotted(raw or {}, dotted, value)
     return parse_config(raw, str(path))
