@@ -181,8 +181,8 @@ def fit(
 
     `optim` is an `OptimizerConfig`, `augment` an `AugmentConfig`. Under torch.distributed the model is wrapped
     in DDP here and each rank trains on its shard with `optim.batch_size // world_size` images per step. After
-    each epoch `on_epoch_end(metrics, state)` is called on every rank (metrics are global). Returns the
-    unwrapped model.
+    each epoch `on_epoch_end(metrics, state)` is called on every rank (metrics are global); `state` holds the
+    live tensors, so save or copy it there rather than keep it. Returns the unwrapped model.
     """
     model.to(device)
     net = nn.parallel.DistributedDataParallel(model) if world_size > 1 else model
