@@ -26,17 +26,12 @@ def run(args: argparse.Namespace) -> None:
     cfg = stage_config(args)
     from resnet.evaluate import evaluate_model_file
     from resnet.io import write_csv, write_json
-    from resnet.tracking import resolve_tracking_uri, start_run
+    from resnet.tracking import start_stage_run
 
     report = evaluate_model_file(args.model, args.data)
     write_json(args.metrics, report.metrics)
     write_csv(args.confusion, report.predictions, columns=("actual", "predicted"))
-    run_handle = start_run(
-        resolve_tracking_uri(cfg.mlflow.tracking_uri),
-        cfg.mlflow.experiment,
-        STAGE,
-        tags={"pipeline.stage": STAGE, "data.content_hash": report.data_hash},
-    )
+    run_handle = start_stage_run(cfg.mlflow, STAGE, report.data_hash)
     with run_handle:
         run_handle.log_metrics({k: v for k, v in report.metrics.items() if isinstance(v, int | float)})
         run_handle.log_artifact(args.metrics)

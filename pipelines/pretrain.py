@@ -27,16 +27,11 @@ def run(args: argparse.Namespace) -> None:
     from resnet.data.prepare import read_manifest
     from resnet.distributed import MODEL_FILE, TrainJob, copy_model_file, init_ray, make_trainer, storage_path
     from resnet.io import write_json
-    from resnet.tracking import resolve_tracking_uri, start_run
+    from resnet.tracking import start_stage_run
 
     manifest = read_manifest(args.data)  # fail on missing data before starting anything
     init_ray(cfg.ray)
-    run_handle = start_run(
-        resolve_tracking_uri(cfg.mlflow.tracking_uri),
-        cfg.mlflow.experiment,
-        STAGE,
-        tags={"pipeline.stage": STAGE, "data.content_hash": manifest["content_hash"]},
-    )
+    run_handle = start_stage_run(cfg.mlflow, STAGE, manifest["content_hash"])
     with run_handle:
         run_handle.log_params({"pretrain": cfg.pretrain.model_dump(), "augment": cfg.augment.model_dump()})
         run_handle.log_params({"ray.num_workers": cfg.ray.num_workers, "ray.use_gpu": cfg.ray.use_gpu})

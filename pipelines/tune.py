@@ -34,19 +34,14 @@ def run(args: argparse.Namespace) -> None:
     from resnet.errors import PipelineError
     from resnet.io import write_csv, write_json
     from resnet.sweep import best_checkpoint_path, close_trial_runs, max_epochs, run_sweep, sweep_table
-    from resnet.tracking import resolve_tracking_uri, start_run
+    from resnet.tracking import start_stage_run
 
     manifest = read_manifest(args.data)
     pretrained = Path(args.pretrained)
     if not pretrained.is_file():
         raise PipelineError(f"{pretrained}: no such model file; run the pretrain stage first")
     init_ray(cfg.ray)
-    parent = start_run(
-        resolve_tracking_uri(cfg.mlflow.tracking_uri),
-        cfg.mlflow.experiment,
-        STAGE,
-        tags={"pipeline.stage": STAGE, "data.content_hash": manifest["content_hash"]},
-    )
+    parent = start_stage_run(cfg.mlflow, STAGE, manifest["content_hash"])
     with parent:
         parent.log_params(
             {"finetune": cfg.finetune.model_dump(), "tune": cfg.tune.model_dump(exclude={"search_space"})}

@@ -125,42 +125,34 @@ class FinetuneConfig(OptimizerConfig):
 # ---------------------------------------------------------------- sweep
 
 
-class LogUniform(Section):
+class Interval(Section):
+    """A distribution over [low, high] (or [low, high) for integers): low must be below high."""
+
+    @model_validator(mode="after")
+    def _ordered(self):
+        if not self.low < self.high:
+            raise ValueError(f"low ({self.low}) must be less than high ({self.high})")
+        return self
+
+
+class LogUniform(Interval):
     distribution: Literal["loguniform"]
     low: float = Field(gt=0)
     high: float = Field(gt=0)
 
-    @model_validator(mode="after")
-    def _ordered(self):
-        if not self.low < self.high:
-            raise ValueError(f"low ({self.low}) must be less than high ({self.high})")
-        return self
 
-
-class Uniform(Section):
+class Uniform(Interval):
     distribution: Literal["uniform"]
     low: float
     high: float
 
-    @model_validator(mode="after")
-    def _ordered(self):
-        if not self.low < self.high:
-            raise ValueError(f"low ({self.low}) must be less than high ({self.high})")
-        return self
 
-
-class RandInt(Section):
+class RandInt(Interval):
     """Integers in [low, high): Ray Tune's convention (upper bound exclusive)."""
 
     distribution: Literal["randint"]
     low: int
     high: int
-
-    @model_validator(mode="after")
-    def _ordered(self):
-        if not self.low < self.high:
-            raise ValueError(f"low ({self.low}) must be less than high ({self.high})")
-        return self
 
 
 class Choice(Section):

@@ -9,7 +9,7 @@ import numpy as np
 from resnet.config import Config
 from resnet.errors import PipelineError
 from resnet.predict import load_classifier
-from resnet.tracking import resolve_tracking_uri, start_run
+from resnet.tracking import start_stage_run
 
 
 def register_model(model_path: str | Path, cfg: Config, *, test_metrics: dict) -> dict:
@@ -20,14 +20,9 @@ def register_model(model_path: str | Path, cfg: Config, *, test_metrics: dict) -
     if not Path(model_path).is_file():
         raise PipelineError(f"{model_path}: no such model file; run the tune stage first")
     classifier, meta = load_classifier(model_path)
-    tracking_uri = resolve_tracking_uri(cfg.mlflow.tracking_uri)
     name, alias = cfg.register.model_name, cfg.register.alias
-    run = start_run(
-        tracking_uri,
-        cfg.mlflow.experiment,
-        "register",
-        tags={"pipeline.stage": "register", "data.content_hash": meta["data_hash"]},
-    )
+    run = start_stage_run(cfg.mlflow, "register", meta["data_hash"])
+    tracking_uri = run.tracking_uri
     # Batch of 2: MLflow's pt2 export marks the batch dimension dynamic only when the example's is > 1.
     size = meta["image_size"]
     example = np.random.default_rng(0).random((2, 3, size, size), dtype=np.float32)

@@ -131,3 +131,13 @@ def start_run(
     all_tags.update({k: str(v) for k, v in (tags or {}).items()})
     run = MlflowClient(tracking_uri).create_run(experiment_id, tags=all_tags, run_name=name)
     return RunHandle(tracking_uri, run.info.run_id)
+
+
+def start_stage_run(mlflow_cfg, stage: str, data_hash: str) -> RunHandle:
+    """The MLflow run of one pipeline stage (an `MlflowConfig` says where), tagged with the data it saw."""
+    return start_run(
+        resolve_tracking_uri(mlflow_cfg.tracking_uri),
+        mlflow_cfg.experiment,
+        stage,
+        tags={"pipeline.stage": stage, "data.content_hash": data_hash},
+    )
