@@ -26,6 +26,7 @@ from resnet.config import AugmentConfig, FinetuneConfig, PretrainConfig, RayConf
 from resnet.data.loading import load_prepared
 from resnet.engine import TrainState, fit, load_model_file, save_model_file
 from resnet.finetune import apply_strategy, replace_head
+from resnet.io import atomic_path
 from resnet.models import build_model
 
 STATE_FILE = "state.pt"  # full training state, to resume
@@ -177,10 +178,6 @@ def make_trainer(
 
 def copy_model_file(checkpoint: Checkpoint, destination: str | Path) -> dict[str, Any]:
     """Copy a checkpoint's model file (from local disk or S3) to `destination`; returns its meta."""
-    destination = Path(destination)
-    destination.parent.mkdir(parents=True, exist_ok=True)
-    tmp = destination.with_name(f".{destination.name}.tmp")
-    with checkpoint.as_directory() as directory:
+    with checkpoint.as_directory() as directory, atomic_path(destination) as tmp:
         shutil.copyfile(Path(directory) / MODEL_FILE, tmp)
-    tmp.replace(destination)
     return torch.load(destination, map_location="cpu", weights_only=True)["meta"]

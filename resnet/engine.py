@@ -9,8 +9,6 @@ whole dataset, not its own shard.
 from __future__ import annotations
 
 import math
-import os
-import tempfile
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -22,6 +20,7 @@ import torch.distributed as dist
 from torch import nn
 
 from resnet.data.loading import Normalize, PreparedData, eval_batches, random_crop_flip, train_batches
+from resnet.io import atomic_path
 from resnet.models import build_model
 
 
@@ -243,16 +242,8 @@ def fit(
 def save_model_file(path: str | Path, model: nn.Module, meta: dict[str, Any]) -> None:
     """Weights plus what is needed to rebuild and feed the model (name, classes, normalisation), written to a
     temporary file and renamed, so a reader never sees half a file. Loadable with `weights_only=True`."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    os.close(fd)
-    try:
+    with atomic_path(path) as tmp:
         torch.save({"meta": meta, "model": model.state_dict()}, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def load_model_file(path: str | Path, map_location: str | torch.device = "cpu") -> tuple[nn.Module, dict]:

@@ -104,3 +104,99 @@ def test_console_script_is_installed(repo_root):
         timeout=60,
     )
     assert module.returncode == 0 and "--pretrained" in module.stdout
+
+
+def _module(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "resnet.cli", *args], capture_output=True, text=True, cwd=cwd, timeout=120
+    )
+
+
+def test_module_entry_point_help_version_and_unknown_stage(repo_root):
+    from resnet import __version__
+
+    helped = _module("--help", cwd=repo_root)
+    assert helped.returncode == 0, helped.stderr
+    listed = [
+        line.split()[0] for line in helped.stdout.split("stages, in order:")[1].splitlines() if line.strip()
+    ]
+    assert listed[: len(STAGES) + 1] == [*STAGES, "all"]
+    version = _module("--version", cwd=repo_root)
+    assert (version.returncode, version.stdout.strip()) == (0, f"resnet-pipeline {__version__}")
+    unknown = _module("bake", cwd=repo_root)
+    assert unknown.returncode == 2 and "invalid choice: 'bake'" in unknown.stderr and unknown.stdout == ""
+    nothing = _module(cwd=repo_root)
+    assert nothing.returncode == 2 and "required: stage" in nothing.stderr
+
+
+def test_stage_help_through_the_module_entry_point(repo_root):
+    result = _module("tune", "--help", cwd=repo_root)
+    assert result.returncode == 0
+    assert "--params" in result.stdout and "--pretrained" in result.stdout and "Ray Tune" in result.stdout
+
+
+def test_console_script_runs_from_any_directory(tmp_path):
+    script = Path(sys.executable).parent / "resnet-pipeline"
+    assert script.is_file()
+    result = subprocess.run([str(script), "--help"], capture_output=True, text=True, cwd=tmp_path, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert all(stage in result.stdout for stage in STAGES)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_prepare_from_a_params_file(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    params = tmp_path / "params.yaml"
+    params.write_text("data: {image_size: 16}\n")
+    out = tmp_path / "prepared"
+    assert main(["prepare", "--params", str(params), "--out", str(out)]) == 0
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["image_shape"] == [16, 16, 3] and manifest["source"] == "digits"
+    assert sum(manifest["counts"][s]["total"] for s in ("train", "val", "test")) == 1797
+    assert np_load_shape(out / "train_images.npy") == (manifest["counts"]["train"]["total"], 16, 16, 3)
+    captured = capsys.readouterr()
+    assert captured.err == "" and "10 classes" in captured.out
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["params.yaml", "prepared"]
+
+
+def np_load_shape(path: Path) -> tuple[int, ...]:
+    import numpy as np
+
+    return np.load(path, mmap_mode="r").shape
+
+
+@pytest.mark.parametrize(
+    ("override", "key"),
+    [
+        ("pretrain.lr=-1", "pretrain.lr"),
+        ("pretrain.lrr=0.1", "pretrain.lrr"),
+        ("pretrain.epochs=many", "pretrain.epochs"),
+    ],
+)
+def test_invalid_override_is_one_line_naming_the_key(tmp_path, capsys, override, key):
+    params = tmp_path / "params.yaml"
+    params.write_text("data: {image_size: 16}\n")
+    assert main(["prepare", "--params", str(params), "-S", override, "--out", str(tmp_path / "o")]) == 2
+    captured = capsys.readouterr()
+    lines = captured.err.strip().splitlines()
+    assert (
+        len(lines) == 1
+        and f"{params}: {key}: " in lines[0]
+        and lines[0].startswith("resnet-pipeline prepare: error: ")
+    )
+    assert captured.out == "" and not (tmp_path / "o").exists()
+
+
+def test_malformed_override_is_a_usage_error(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["prepare", "-S", "pretrain.epochs"])
+    assert exit_info.value.code == 2
+    assert "expected KEY=VALUE" in capsys.readouterr().err
+
+
+def test_missing_params_file_is_one_line(tmp_path, capsys):
+    missing = tmp_path / "nope.yaml"
+    assert main(["evaluate", "--params", str(missing), "--model", str(tmp_path / "m.pt")]) == 2
+    assert capsys.readouterr().err.strip().splitlines() == [
+        f"resnet-pipeline evaluate: error: {missing}: no such params file"
+    ]

@@ -137,3 +137,235 @@ def test_normalize_accepts_uint8_and_unit_floats_alike():
     expected = (images.float() / 255 - torch.tensor([0.5, 0.4, 0.3]).view(1, 3, 1, 1)) / 0.2
     torch.testing.assert_close(normalize(images), expected)
     torch.testing.assert_close(normalize(images.float() / 255), expected)
+
+
+# ---------------------------------------------------------------- more on the split and the prepared format
+
+
+def test_split_shares_per_class_and_seeds():
+    labels = np.random.default_rng(7).permutation(np.repeat(np.arange(3), [11, 26, 63]))
+    split = stratified_split(labels, val=0.15, test=0.2, seed=0)
+    assert all(idx.dtype == np.int64 for idx in split.values())
+    for cls, count in enumerate([11, 26, 63]):
+        n = {name: int((labels[idx] == cls).sum()) for name, idx in split.items()}
+        assert sum(n.values()) == count
+        for name, fraction in (("val", 0.15), ("test", 0.2), ("train", 0.65)):
+            assert abs(n[name] - fraction * count) <= 1, (cls, name, n)
+    other = stratified_split(labels, val=0.15, test=0.2, seed=1)
+    assert any(not np.array_equal(split[k], other[k]) for k in split)
+    assert {k: len(v) for k, v in other.items()} == {k: len(v) for k, v in split.items()}
+
+
+def test_manifest_describes_the_files(tmp_path):
+    raw = synthetic(num_classes=3, per_class=20)
+    manifest = write_prepared(raw, tmp_path / "d", val=0.2, test=0.2, seed=5, source="synthetic")
+    hashes = file_hashes(tmp_path / "d")
+    assert manifest["files"] == {k: v for k, v in hashes.items() if k != "manifest.json"}
+    assert sorted(manifest["files"]) == sorted(
+        f"{s}_{k}.npy" for s in ("train", "val", "test") for k in ("images", "labels")
+    )
+    assert (
+        manifest["image_shape"] == [8, 8, 3] and manifest["seed"] == 5 and manifest["source"] == "synthetic"
+    )
+    assert manifest["classes"] == ["c0", "c1", "c2"]
+    for cls in ("c0", "c1", "c2"):
+        assert sum(manifest["counts"][s]["per_class"][cls] for s in ("train", "val", "test")) == 20
+    # the stored splits are exactly stratified_split's indices
+    split = stratified_split(raw.labels, 0.2, 0.2, 5)
+    for name, idx in split.items():
+        assert np.array_equal(np.load(tmp_path / "d" / f"{name}_images.npy"), raw.images[idx])
+        assert np.array_equal(np.load(tmp_path / "d" / f"{name}_labels.npy"), raw.labels[idx])
+
+
+def test_rewriting_the_same_directory_is_byte_identical_and_leaves_no_temporaries(tmp_path):
+    raw = synthetic()
+    write_prepared(raw, tmp_path / "d", val=0.2, test=0.2, seed=0, source="synthetic")
+    first = file_hashes(tmp_path / "d")
+    (tmp_path / "d" / "stale.txt").write_text("from an older run")
+    write_prepared(raw, tmp_path / "d", val=0.2, test=0.2, seed=0, source="synthetic")
+    assert file_hashes(tmp_path / "d") == first  # replaced as a whole: the stale file is gone
+    assert [p.name for p in tmp_path.iterdir()] == ["d"]
+
+
+def test_one_changed_pixel_changes_exactly_one_file(tmp_path):
+    raw = synthetic()
+    before = write_prepared(raw, tmp_path / "a", val=0.2, test=0.2, seed=0, source="s")
+    images = raw.images.copy()
+    images[0, 3, 4, 1] ^= 0x80
+    after = write_prepared(
+        RawDataset(images, raw.labels, raw.classes), tmp_path / "b", val=0.2, test=0.2, seed=0, source="s"
+    )
+    changed = {k for k in before["files"] if before["files"][k] != after["files"][k]}
+    home = next(name for name, idx in stratified_split(raw.labels, 0.2, 0.2, 0).items() if 0 in idx)
+    assert changed == {f"{home}_images.npy"}
+    assert after["content_hash"] != before["content_hash"]
+
+
+def test_a_failed_write_keeps_the_previous_output_and_no_temporary(tmp_path, monkeypatch):
+    import resnet.data.prepare as prepare
+
+    raw = synthetic()
+    write_prepared(raw, tmp_path / "d", val=0.2, test=0.2, seed=0, source="s")
+    good = file_hashes(tmp_path / "d")
+
+    def broken(images):
+        raise RuntimeError("disk full")
+
+    monkeypatch.setattr(prepare, "channel_stats", broken)
+    with pytest.raises(RuntimeError, match="disk full"):
+        write_prepared(synthetic(seed=1), tmp_path / "d", val=0.2, test=0.2, seed=0, source="s")
+    assert file_hashes(tmp_path / "d") == good
+    assert [p.name for p in tmp_path.iterdir()] == ["d"]
+
+
+def test_refused_dataset_leaves_an_existing_parent_untouched(tmp_path):
+    parent = tmp_path / "parent"
+    parent.mkdir()
+    (parent / "keep.txt").write_text("x")
+    with pytest.raises(DataError, match="found 1 class"):
+        write_prepared(synthetic(num_classes=1), parent / "out", val=0.2, test=0.2, seed=0, source="one")
+    with pytest.raises(DataError, match="too few to split"):
+        write_prepared(synthetic(per_class=2), parent / "out", val=0.2, test=0.2, seed=0, source="small")
+    assert [p.name for p in parent.iterdir()] == ["keep.txt"]
+
+
+def test_labels_outside_the_class_list_are_refused(tmp_path):
+    raw = synthetic(num_classes=3)
+    with pytest.raises(DataError):
+        write_prepared(
+            RawDataset(raw.images, raw.labels, ("c0", "c1")),
+            tmp_path / "d",
+            val=0.2,
+            test=0.2,
+            seed=0,
+            source="s",
+        )
+
+
+def test_digits_labels_and_native_size():
+    digits = load_source("digits", 8)  # the native 8x8: no resampling, just 0..16 -> 0..255 as gray RGB
+    from sklearn.datasets import load_digits as sklearn_digits
+
+    bunch = sklearn_digits()
+    assert digits.images.shape == (1797, 8, 8, 3) and digits.labels.dtype == np.int64
+    assert np.array_equal(digits.labels, bunch.target)
+    assert (
+        np.bincount(digits.labels).tolist() == np.bincount(bunch.target).tolist()
+        and len(digits.classes) == 10
+    )
+    expected = np.rint(bunch.images * 255 / 16).astype(np.uint8)
+    for channel in range(3):
+        assert np.array_equal(digits.images[..., channel], expected)
+
+
+def test_load_prepared_keeps_labels_and_statistics(tmp_path):
+    raw = synthetic()
+    manifest = write_prepared(raw, tmp_path / "d", val=0.2, test=0.2, seed=0, source="synthetic")
+    data = load_prepared(tmp_path / "d")
+    split = stratified_split(raw.labels, 0.2, 0.2, 0)
+    for name, idx in split.items():
+        part = data.splits[name]
+        assert part.images.is_contiguous() and part.labels.dtype == torch.int64 and len(part) == len(idx)
+        assert torch.equal(part.labels, torch.from_numpy(raw.labels[idx]))
+        assert torch.equal(part.images.permute(0, 2, 3, 1), torch.from_numpy(raw.images[idx]))
+    assert data.mean == tuple(manifest["mean"]) and data.std == tuple(manifest["std"])
+    assert data.content_hash == manifest["content_hash"]
+    only_test = load_prepared(tmp_path / "d", splits=("test",))
+    assert list(only_test.splits) == ["test"]
+
+
+def test_prepared_dataset_errors_name_the_file(tmp_path):
+    write_prepared(synthetic(), tmp_path / "d", val=0.2, test=0.2, seed=0, source="s")
+    (tmp_path / "d" / "val_labels.npy").unlink()
+    with pytest.raises(DataError, match="val_labels.npy: missing from the prepared dataset"):
+        load_prepared(tmp_path / "d")
+    (tmp_path / "d" / "manifest.json").write_text("{not json")
+    with pytest.raises(DataError, match="manifest.json: not valid JSON"):
+        read_manifest(tmp_path / "d")
+    with pytest.raises(DataError) as info:
+        read_manifest(tmp_path / "nowhere")
+    assert str(tmp_path / "nowhere" / "manifest.json") in str(info.value)
+
+
+# ---------------------------------------------------------------- more on batches and augmentation
+
+
+def _indexed(n: int):
+    """A split whose every image carries its own index, so batches can be checked image against label."""
+    from resnet.data.loading import Split
+
+    return Split(
+        torch.arange(n, dtype=torch.uint8).view(n, 1, 1, 1).expand(n, 3, 2, 2).contiguous(), torch.arange(n)
+    )
+
+
+def test_train_batches_pair_images_with_their_labels_and_depend_on_seed_and_epoch():
+    split = _indexed(23)
+
+    def order(seed, epoch, rank=0, world_size=1, batch=4):
+        batches = list(train_batches(split, batch, epoch=epoch, seed=seed, rank=rank, world_size=world_size))
+        for images, labels in batches:
+            assert len(labels) <= batch
+            assert torch.equal(images[:, 0, 0, 0].long(), labels)
+        return torch.cat([labels for _, labels in batches]).tolist()
+
+    shards = [order(1, 0, rank, 2) for rank in (0, 1)]
+    assert len(shards[0]) == len(shards[1]) == 12  # 23 padded to 24: one image seen twice
+    assert len(set(shards[0]) & set(shards[1])) <= 1 and set(shards[0]) | set(shards[1]) == set(range(23))
+    assert [order(1, 3, r, 2) for r in (0, 1)] == [order(1, 3, r, 2) for r in (0, 1)]
+    assert order(1, 0, 0, 2) != order(1, 1, 0, 2)
+    assert order(1, 0) != order(2, 0)
+    assert sorted(order(1, 0)) == list(range(23))  # one rank: a permutation, no padding
+
+
+def test_eval_batches_are_disjoint_across_ranks_and_in_order():
+    split = _indexed(23)
+    per_rank = [[labels for _, labels in eval_batches(split, 5, rank=r, world_size=2)] for r in (0, 1)]
+    flat = [torch.cat(b).tolist() for b in per_rank]
+    assert flat == [list(range(0, 23, 2)), list(range(1, 23, 2))]
+    assert [len(b) for b in per_rank[0]] == [5, 5, 2]
+    assert torch.cat([b for _, b in eval_batches(split, 100)]).tolist() == list(range(23))
+
+
+def _window(padded: torch.Tensor, out: torch.Tensor, flipped: bool) -> tuple[int, int] | None:
+    _, h, w = out.shape
+    for y in range(padded.shape[1] - h + 1):
+        for x in range(padded.shape[2] - w + 1):
+            win = padded[:, y : y + h, x : x + w]
+            if torch.equal(out, win.flip(-1) if flipped else win):
+                return y, x
+    return None
+
+
+def test_crop_without_flip_is_an_exact_window_and_offsets_vary():
+    g = torch.Generator().manual_seed(3)
+    images = torch.randint(1, 256, (16, 3, 5, 7), dtype=torch.uint8, generator=g)  # non-square, no zeros
+    padded = torch.nn.functional.pad(images, (2, 2, 2, 2))
+    out = random_crop_flip(images, padding=2, hflip=False, generator=torch.Generator().manual_seed(0))
+    assert out.shape == images.shape and out.dtype == torch.uint8 and out.is_contiguous()
+    offsets = [_window(padded[i], out[i], flipped=False) for i in range(16)]
+    assert None not in offsets
+    assert len(set(offsets)) > 1
+    other = random_crop_flip(images, padding=2, hflip=False, generator=torch.Generator().manual_seed(1))
+    assert not torch.equal(out, other)
+
+
+def test_flip_only_mirrors_some_images_and_keeps_the_rest():
+    images = torch.randint(
+        0, 256, (32, 3, 4, 6), dtype=torch.uint8, generator=torch.Generator().manual_seed(4)
+    )
+    out = random_crop_flip(images, padding=0, hflip=True, generator=torch.Generator().manual_seed(0))
+    flipped = [torch.equal(out[i], images[i].flip(-1)) for i in range(32)]
+    kept = [torch.equal(out[i], images[i]) for i in range(32)]
+    assert all(f or k for f, k in zip(flipped, kept, strict=True))
+    assert 0 < sum(flipped) < 32
+
+
+def test_normalize_is_exactly_the_same_for_uint8_and_float_input():
+    normalize = Normalize((0.1, 0.2, 0.3), (0.5, 0.25, 0.125))
+    images = torch.randint(0, 256, (4, 3, 5, 5), dtype=torch.uint8)
+    out = normalize(images)
+    assert out.dtype == torch.float32 and out.shape == images.shape
+    assert torch.equal(out, normalize(images.float() / 255))
+    assert images.dtype == torch.uint8  # the input is not modified in place
+    assert out[0, 2, 0, 0].item() == pytest.approx((images[0, 2, 0, 0].item() / 255 - 0.3) / 0.125, rel=1e-6)

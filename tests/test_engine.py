@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import copy
 import math
+import os
+import stat
 
 import pytest
 import torch
@@ -24,6 +26,16 @@ from resnet.finetune import apply_strategy, replace_head
 from resnet.models import build_model
 
 CPU = torch.device("cpu")
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny models on a 2-core machine that may be busy with Ray jobs: one intra-op thread is several times
+    faster than two competing ones, and makes the timings of this module predictable."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 def bright_vs_dark(n: int = 64, size: int = 16, seed: int = 0) -> Split:
@@ -78,6 +90,24 @@ def test_warmup_then_cosine_schedule():
     assert factor(55) == pytest.approx(0.5 * (1 + math.cos(math.pi * 0.5)))
 
 
+def test_warmup_zero_starts_at_full_rate():
+    factor = warmup_cosine(total_steps=4, warmup_steps=0)
+    assert [factor(s) for s in range(5)] == pytest.approx(
+        [1.0, 0.5 * (1 + math.cos(math.pi / 4)), 0.5, 0.5 * (1 + math.cos(3 * math.pi / 4)), 0.0]
+    )
+    assert factor(10) == pytest.approx(0.0, abs=1e-12)  # clamped past the end
+
+
+def test_param_groups_classify_every_parameter_by_kind():
+    model = build_model("resnet20", 10)
+    decay, no_decay = (set(id(p) for p in g["params"]) for g in param_groups(model, 1e-4))
+    for name, param in model.named_parameters():
+        is_norm_or_bias = name.endswith(".bias") or ".bn" in f".{name}" or name.startswith("bn")
+        assert (id(param) in no_decay) == is_norm_or_bias, name
+        assert (id(param) in decay) == (not is_norm_or_bias), name
+    assert len(decay) + len(no_decay) == len(list(model.parameters()))
+
+
 def test_no_weight_decay_on_norm_and_bias():
     model = build_model("resnet20", 10)
     model.conv1.weight.requires_grad_(False)
@@ -106,8 +136,48 @@ def test_resume_continues_after_the_saved_epoch_with_the_same_result():
     resumed_seen: list = []
     resumed = train(resumed_seen, resume=states[1])
     assert [m["epoch"] for m in resumed_seen] == [2, 3]
+    # Bit-identical, not merely close: everything random in an epoch (shuffle, augmentation) is seeded from
+    # (seed, epoch, rank), and the state restores weights, BN buffers, momentum and the schedule position.
+    resumed_state = resumed.state_dict()
+    assert resumed_state.keys() == uninterrupted.state_dict().keys()
+    differing = [n for n, t in uninterrupted.state_dict().items() if not torch.equal(resumed_state[n], t)]
+    assert differing == []
+    # the metrics of the resumed epochs are the uninterrupted run's too
+    for a, b in zip(resumed_seen, seen[1:], strict=True):
+        assert (a["epoch"], a["train_loss"], a["val_acc"], a["lr"]) == (
+            b["epoch"],
+            b["train_loss"],
+            b["val_acc"],
+            b["lr"],
+        )
+
+
+def test_resume_from_the_last_epoch_trains_nothing_more():
+    seen, states = [], {}
+    uninterrupted = train(seen, states=states)
+    after: list = []
+    resumed = train(after, resume=states[3])
+    assert after == []
     for name, tensor in uninterrupted.state_dict().items():
-        torch.testing.assert_close(resumed.state_dict()[name], tensor, rtol=0, atol=1e-6, msg=name)
+        assert torch.equal(resumed.state_dict()[name], tensor), name
+
+
+def test_train_state_handed_to_on_epoch_end_holds_live_tensors():
+    """Documented in fit(): the callback must save or copy the state, not keep it."""
+    kept: dict = {}
+    torch.manual_seed(0)
+    model = build_model("resnet20", 2)
+    fit(
+        model,
+        tiny_data(),
+        OPTIM,
+        NO_AUGMENT,
+        device=CPU,
+        on_epoch_end=lambda m, s: kept.update({m["epoch"]: s}),
+    )
+    # the state "after epoch 1" has been trained on through epoch 3
+    assert torch.equal(kept[1].model["fc.weight"], model.fc.weight.detach())
+    assert kept[1].epoch == 1 and kept[3].epoch == 3
 
 
 def test_model_file_round_trip(tmp_path):
@@ -128,6 +198,29 @@ def test_model_file_round_trip(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["m.pt"]  # no temporary file left
 
 
+def test_model_file_round_trip_keeps_trained_bn_buffers(tmp_path):
+    model = build_model("resnet20", 3)
+    model.train()
+    model(torch.rand(4, 3, 8, 8))  # non-default running statistics and num_batches_tracked
+    meta = {"model_name": "resnet20", "num_classes": 3, "classes": ["a", "b", "c"], "mean": [0.1] * 3}
+    save_model_file(tmp_path / "sub" / "m.pt", model, meta)
+    loaded, loaded_meta = load_model_file(tmp_path / "sub" / "m.pt")
+    assert loaded_meta == meta
+    assert all(not m.training for m in loaded.modules())
+    assert int(loaded.bn1.num_batches_tracked) == 1
+    assert torch.equal(loaded.bn1.running_var, model.bn1.running_var)
+    assert loaded.fc.out_features == 3
+
+
+def test_model_file_has_the_usual_permissions(tmp_path):
+    save_model_file(
+        tmp_path / "m.pt", build_model("resnet20", 2), {"model_name": "resnet20", "num_classes": 2}
+    )
+    umask = os.umask(0)
+    os.umask(umask)
+    assert stat.S_IMODE((tmp_path / "m.pt").stat().st_mode) == 0o666 & ~umask
+
+
 def test_linear_probe_trains_only_the_head_and_freezes_bn_statistics():
     model = build_model("resnet20", 2)
     freeze_bn = apply_strategy(model, "linear_probe")
@@ -142,6 +235,11 @@ def test_linear_probe_trains_only_the_head_and_freezes_bn_statistics():
     optimizer.step()
     changed = {k for k, v in model.state_dict().items() if not torch.equal(v, before[k])}
     assert changed == {"fc.weight", "fc.bias"}  # BN running statistics included: unchanged
+
+    # control: the same forward pass in plain train mode does move the running statistics
+    set_train_mode(model, freeze_bn=False)
+    model(batch.images.float() / 255)
+    assert not torch.equal(model.bn1.running_mean, before["bn1.running_mean"])
 
     assert apply_strategy(model, "full") is False
     assert all(p.requires_grad for p in model.parameters())
@@ -162,7 +260,7 @@ def test_finetune_config_is_an_optimizer_config():
 
 
 def test_evaluate_model_file_agrees_with_its_predictions(tmp_path):
-    from resnet.data.prepare import write_prepared
+    from resnet.data.prepare import read_manifest, write_prepared
     from resnet.data.sources import RawDataset
     from resnet.evaluate import evaluate_model_file
 
@@ -181,6 +279,14 @@ def test_evaluate_model_file_agrees_with_its_predictions(tmp_path):
     assert sum(r["actual"] == r["predicted"] for r in rows) / len(rows) == pytest.approx(
         report.metrics["test_acc"]
     )
+    manifest = read_manifest(tmp_path / "d")
+    assert report.metrics["test_images"] == manifest["counts"]["test"]["total"]
+    assert report.data_hash == manifest["content_hash"]
+    for name in ("dark", "bright"):
+        mine = [r for r in rows if r["actual"] == name]
+        assert len(mine) == manifest["counts"]["test"]["per_class"][name]
+        hits = sum(r["predicted"] == name for r in mine) / len(mine)
+        assert report.metrics["per_class_acc"][name] == pytest.approx(hits, abs=1e-6)
 
 
 def test_classifier_normalises_inside(tmp_path):
@@ -195,7 +301,8 @@ def test_classifier_normalises_inside(tmp_path):
         "std": [0.3] * 3,
     }
     save_model_file(tmp_path / "m.pt", model, meta)
-    classifier, _ = load_classifier(tmp_path / "m.pt")
+    classifier, loaded_meta = load_classifier(tmp_path / "m.pt")
+    assert loaded_meta == meta and not classifier.training
     images = torch.rand(3, 3, 16, 16)
     with torch.no_grad():
         torch.testing.assert_close(classifier(images), model(Normalize((0.4,) * 3, (0.3,) * 3)(images)))

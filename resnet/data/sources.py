@@ -21,6 +21,11 @@ class RawDataset:
             raise DataError(f"images must be uint8 (N, H, W, 3), got {self.images.dtype} {self.images.shape}")
         if len(self.labels) != len(self.images):
             raise DataError(f"{len(self.labels)} labels for {len(self.images)} images")
+        if len(self.labels) and not (self.labels.min() >= 0 and self.labels.max() < len(self.classes)):
+            raise DataError(
+                f"labels must index the {len(self.classes)} class names (0..{len(self.classes) - 1}), "
+                f"found {self.labels.min()}..{self.labels.max()}"
+            )
 
 
 def resize_rgb(images: np.ndarray, size: int) -> np.ndarray:
