@@ -26,11 +26,14 @@ def run(args: argparse.Namespace) -> None:
     cfg = stage_config(args)
     from resnet.evaluate import evaluate_model_file
     from resnet.io import write_csv, write_json
-    from resnet.tracking import start_stage_run
 
     report = evaluate_model_file(args.model, args.data)
     write_json(args.metrics, report.metrics)
     write_csv(args.confusion, report.predictions, columns=("actual", "predicted"))
+
+    # Imported only now: mlflow takes seconds to import, and a bad model or dataset should fail before that.
+    from resnet.tracking import start_stage_run
+
     run_handle = start_stage_run(cfg.mlflow, STAGE, report.data_hash)
     with run_handle:
         run_handle.log_metrics({k: v for k, v in report.metrics.items() if isinstance(v, int | float)})

@@ -79,7 +79,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if argv and argv[0] in STAGES:
         return _stage_module(argv[0]).main(argv[1:])
     if argv and argv[0] == "all":
-        # The whole pipeline in one process (one Ray connection), e.g. as a `ray job submit` entrypoint.
+        # The whole pipeline in one process (one Ray connection), every stage with its default paths.
+        stage_parser("all", "Run every stage in order, with default paths.").parse_args(argv[1:])
         for stage in STAGES:
             code = _stage_module(stage).main(argv[1:])
             if code:

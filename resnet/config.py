@@ -33,6 +33,9 @@ class ConfigError(PipelineError):
     """A params file that cannot be used; the message is one line naming the file and the key."""
 
 
+NUMBER_TYPES = (int, float, int | None, float | None)
+
+
 class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -43,7 +46,7 @@ class Section(BaseModel):
         if isinstance(raw, dict):
             for key, value in raw.items():
                 field = cls.model_fields.get(key)
-                if isinstance(value, bool) and field is not None and field.annotation is not bool:
+                if isinstance(value, bool) and field is not None and field.annotation in NUMBER_TYPES:
                     # "@key:" tells _format_error to report the field's own dotted path, not the section's.
                     raise ValueError(f"@{key}: expected a number, got a boolean ({str(value).lower()})")
         return raw
@@ -91,7 +94,9 @@ class OptimizerConfig(Section):
     @model_validator(mode="after")
     def _warmup_within_epochs(self):
         if self.warmup_epochs >= self.epochs and self.warmup_epochs > 0:
-            raise ValueError(f"warmup_epochs ({self.warmup_epochs}) must be less than epochs ({self.epochs})")
+            raise ValueError(
+                f"@warmup_epochs: must be less than epochs ({self.epochs}), got {self.warmup_epochs}"
+            )
         return self
 
 
@@ -160,6 +165,7 @@ class Choice(Section):
     values: list[Any] = Field(min_length=1)
 
 
+DISTRIBUTIONS = ("loguniform", "uniform", "randint", "choice")
 Distribution = Annotated[LogUniform | Uniform | RandInt | Choice, Field(discriminator="distribution")]
 
 
@@ -238,7 +244,8 @@ with warnings.catch_warnings():
 
 def _format_error(source: str, err: ValidationError) -> str:
     first = err.errors()[0]
-    key = ".".join(str(part) for part in first["loc"]) or "(top level)"
+    # A discriminated union puts its tag in the location (search_space.lr.loguniform): the tag is not a key.
+    key = ".".join(str(part) for part in first["loc"] if part not in DISTRIBUTIONS) or "(top level)"
     if first["type"] == "extra_forbidden":
         message = "unknown key"
     else:
@@ -294,7 +301,10 @@ def load_config(path: str | Path = DEFAULT_PARAMS, overrides: dict[str, Any] | N
         raise ConfigError(f"{path}: not valid YAML{where}") from None
     _check_mapping(raw, str(path))
     for dotted, value in (overrides or {}).items():
-        raw = set_dotted(raw or {}, dotted, value)
+        try:
+            raw = set_dotted(raw or {}, dotted, value)
+        except ValueError as err:
+            raise ConfigError(f"{path}: {err}") from None
     return parse_config(raw, str(path))
 
 
@@ -303,8 +313,10 @@ def set_dotted(raw: dict[str, Any], dotted: str, value: Any) -> dict[str, Any]:
     out = dict(raw)
     head, _, rest = dotted.partition(".")
     if rest:
-        inner = out.get(head)
-        out[head] = set_dotted(inner if isinstance(inner, dict) else {}, rest, value)
+        inner = out.get(head, {})
+        if not isinstance(inner, dict):
+            raise ValueError(f"cannot set {dotted}: {head} is {inner!r}, not a mapping")
+        out[head] = set_dotted(inner, rest, value)
     else:
         out[head] = value
     return out

@@ -200,3 +200,14 @@ def test_missing_params_file_is_one_line(tmp_path, capsys):
     assert capsys.readouterr().err.strip().splitlines() == [
         f"resnet-pipeline evaluate: error: {missing}: no such params file"
     ]
+
+
+def test_all_has_its_own_help_and_validates_its_options(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["all", "--help"])
+    assert exit_info.value.code == 0
+    out = capsys.readouterr().out
+    assert "resnet-pipeline all" in out and "Run every stage in order" in out
+    with pytest.raises(SystemExit) as exit_info:
+        main(["all", "--out", "x"])  # stage-specific paths are not options of `all`
+    assert exit_info.value.code == 2

@@ -147,8 +147,7 @@ def test_unknown_model_lists_valid_names(tmp_path):
 @pytest.mark.parametrize("section", ["pretrain", "finetune"])
 def test_warmup_must_be_shorter_than_training(tmp_path, section):
     message, _ = _config_error(tmp_path, {section: {"epochs": 3, "warmup_epochs": 3}})
-    assert f": {section}: " in message
-    assert "warmup_epochs (3) must be less than epochs (3)" in message
+    assert f": {section}.warmup_epochs: must be less than epochs (3), got 3" in message
     # one fewer warmup epoch is fine
     cfg = load_config(_write(tmp_path, {section: {"epochs": 3, "warmup_epochs": 2}}))
     assert getattr(cfg, section).warmup_epochs == 2
@@ -289,8 +288,25 @@ def test_set_dotted_does_not_mutate_its_input():
 
 def test_set_dotted_creates_and_replaces_intermediate_mappings():
     assert set_dotted({}, "x.y.z", 1) == {"x": {"y": {"z": 1}}}
-    assert set_dotted({"x": 5}, "x.y", 1) == {"x": {"y": 1}}
     assert set_dotted({"k": 1}, "k", {"v": 2}) == {"k": {"v": 2}}
+    with pytest.raises(ValueError, match="cannot set x.y: x is 5, not a mapping"):
+        set_dotted({"x": 5}, "x.y", 1)
+
+
+def test_override_does_not_hide_a_section_that_is_not_a_mapping(tmp_path):
+    message, path = _config_error(tmp_path, {"pretrain": 5}, {"pretrain.epochs": 3})
+    assert message == f"{path}: cannot set pretrain.epochs: pretrain is 5, not a mapping"
+
+
+def test_search_space_errors_name_keys_not_distribution_tags(tmp_path):
+    space = {"lr": {"distribution": "loguniform", "low": 1, "high": 0.1}}
+    message, _ = _config_error(tmp_path, {"tune": {"search_space": space}})
+    assert ": tune.search_space.lr: low (1.0) must be less than high (0.1)" in message
+
+
+def test_boolean_for_a_string_field_gets_the_string_message(tmp_path):
+    message, _ = _config_error(tmp_path, {"ray": {"address": True}})
+    assert ": ray.address: Input should be a valid string" in message
 
 
 def test_sections_are_frozen():
