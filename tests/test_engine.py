@@ -180,15 +180,20 @@ def test_train_state_handed_to_on_epoch_end_holds_live_tensors():
     assert kept[1].epoch == 1 and kept[3].epoch == 3
 
 
-def test_model_file_round_trip(tmp_path):
-    model = build_model("resnet20", 2)
-    meta = {
+def model_meta(**changes) -> dict:
+    """What the stages store beside a 2-class resnet20's weights."""
+    return {
         "model_name": "resnet20",
         "num_classes": 2,
         "classes": ["a", "b"],
         "mean": [0.5] * 3,
         "std": [0.2] * 3,
-    }
+    } | changes
+
+
+def test_model_file_round_trip(tmp_path):
+    model = build_model("resnet20", 2)
+    meta = model_meta(mean=[0.5] * 3, std=[0.2] * 3)
     save_model_file(tmp_path / "m.pt", model, meta)
     loaded, loaded_meta = load_model_file(tmp_path / "m.pt")
     assert loaded_meta == meta and not loaded.training
@@ -293,13 +298,7 @@ def test_classifier_normalises_inside(tmp_path):
     from resnet.predict import load_classifier
 
     model = build_model("resnet20", 2).eval()
-    meta = {
-        "model_name": "resnet20",
-        "num_classes": 2,
-        "classes": ["a", "b"],
-        "mean": [0.4] * 3,
-        "std": [0.3] * 3,
-    }
+    meta = model_meta(mean=[0.4] * 3, std=[0.3] * 3)
     save_model_file(tmp_path / "m.pt", model, meta)
     classifier, loaded_meta = load_classifier(tmp_path / "m.pt")
     assert loaded_meta == meta and not classifier.training
