@@ -25,7 +25,7 @@ def run(args: argparse.Namespace) -> None:
     from resnet.data.sources import load_source
 
     print(f"prepare: loading {cfg.data.source} at {cfg.data.image_size}px", flush=True)
-    raw = load_source(cfg.data.source, cfg.data.image_size)
+    raw = load_source(cfg.data.source, cfg.data.image_size, **cfg.data.source_options())
     manifest = write_prepared(
         raw,
         args.out,

@@ -62,11 +62,26 @@ class SplitConfig(Section):
     test: float = Field(0.15, gt=0, lt=0.5)
 
 
+class FractalsConfig(Section):
+    """The `fractals` source: IFS classes rendered by the chaos game, determined by `seed`."""
+
+    num_classes: int = Field(10, ge=2, le=10_000)
+    per_class: int = Field(100, ge=3, le=100_000)
+    seed: int = Field(0, ge=0)
+    points: int = Field(1500, ge=100, le=1_000_000)  # chaos-game iterations per image
+    jitter: float = Field(0.1, ge=0, le=0.5)  # relative per-image perturbation of the maps
+
+
 class DataConfig(Section):
-    source: Literal["digits"] = "digits"
+    source: Literal["digits", "fractals"] = "digits"
     image_size: int = Field(32, ge=8, le=512)
     split: SplitConfig = SplitConfig()
     seed: int = Field(0, ge=0)
+    fractals: FractalsConfig = FractalsConfig()
+
+    def source_options(self) -> dict[str, Any]:
+        """The selected source's own settings, as keyword arguments for `load_source`."""
+        return self.fractals.model_dump() if self.source == "fractals" else {}
 
 
 class AugmentConfig(Section):

@@ -53,14 +53,22 @@ def load_digits(image_size: int) -> RawDataset:
     return RawDataset(resize_rgb(gray, image_size), bunch.target.astype(np.int64), classes)
 
 
-SOURCES = {"digits": load_digits}
+def load_fractals(image_size: int, **options) -> RawDataset:
+    """Formula-driven IFS fractals (see resnet/data/fractals.py): the offline pretraining set."""
+    from resnet.data.fractals import load_fractals as render
+
+    return render(image_size, **options)
 
 
-def load_source(name: str, image_size: int) -> RawDataset:
+SOURCES = {"digits": load_digits, "fractals": load_fractals}
+
+
+def load_source(name: str, image_size: int, **options) -> RawDataset:
+    """The dataset `name` at `image_size` pixels; `options` are the source's own settings (params.yaml)."""
     try:
         loader = SOURCES[name]
     except KeyError:
         raise DataError(
             f"unknown data source {name!r}: expected one of {', '.join(sorted(SOURCES))}"
         ) from None
-    return loader(image_size)
+    return loader(image_size, **options)
