@@ -15,14 +15,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import (
-    BaseModel,
-    ConfigDict,
-    Field,
-    ValidationError,
-    field_validator,
-    model_validator,
-)
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from resnet.errors import PipelineError
 
@@ -283,12 +276,7 @@ def _check_mapping(raw: Any, source: str) -> None:
 
 def parse_config(raw: Any, source: str = DEFAULT_PARAMS) -> Config:
     """Validate a mapping (as read from YAML) into a `Config`, or raise one-line `ConfigError`."""
-    if raw is None:
-        raw = {}
-    if not isinstance(raw, dict):
-        raise ConfigError(
-            f"{source}: expected a mapping of sections at the top level, got {type(raw).__name__}"
-        )
+    _check_mapping(raw, source)
     try:
         return Config.model_validate(raw or {})
     except ValidationError as err:
