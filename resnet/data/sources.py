@@ -9,12 +9,27 @@ from PIL import Image
 
 from resnet.errors import DataError
 
+# Why an input file was left out of a dataset; the manifest lists every rejected file with one of these.
+REJECT_REASONS = ("zero-byte", "not an image", "truncated", "too small", "unreadable")
+
+
+@dataclass(frozen=True)
+class Rejected:
+    file: str  # as the user would find it: a path relative to the source root, or an s3:// URI
+    reason: str  # one of REJECT_REASONS
+    detail: str = ""  # the decoder's or the server's own words, for the curious
+
+    def __post_init__(self):
+        if self.reason not in REJECT_REASONS:
+            raise ValueError(f"unknown reject reason {self.reason!r}")
+
 
 @dataclass(frozen=True)
 class RawDataset:
     images: np.ndarray  # uint8 (N, H, W, 3)
     labels: np.ndarray  # int64 (N,)
     classes: tuple[str, ...]
+    rejected: tuple[Rejected, ...] = ()  # input files that were not images we could use, with reasons
 
     def __post_init__(self):
         if self.images.dtype != np.uint8 or self.images.ndim != 4 or self.images.shape[-1] != 3:
