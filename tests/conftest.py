@@ -27,3 +27,19 @@ def ray_address(tmp_path_factory) -> str:
         yield ray.get_runtime_context().gcs_address
     finally:
         ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory):
+    """A real S3 server (SeaweedFS `weed mini`, tests/s3server.py) for the whole session: every listener on
+    127.0.0.1 and a free port, buckets data, dvc, mlflow and ray. Tests point clients at it with
+    `for name, value in s3_server.env().items(): monkeypatch.setenv(name, value)` and then
+    `resnet.data.s3.s3_client.cache_clear()` (see the `s3_env` fixture in tests/test_s3.py)."""
+    from s3server import SeaweedS3
+
+    server = SeaweedS3(tmp_path_factory.mktemp("seaweedfs"))
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
