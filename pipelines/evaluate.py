@@ -14,7 +14,9 @@ STAGE = "evaluate"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--data", default="data/prepared", help="prepared dataset (default: %(default)s)")
+    parser.add_argument(
+        "--data", default=None, help="prepared dataset (default: data/prepared/<finetune.dataset>)"
+    )
     parser.add_argument("--model", default="models/tune/model.pt", help="model file (default: %(default)s)")
     parser.add_argument("--metrics", default="metrics/eval.json", help="metrics file (default: %(default)s)")
     parser.add_argument(
@@ -24,6 +26,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> None:
     cfg = stage_config(args)
+    args.data = args.data or f"data/prepared/{cfg.finetune.dataset}"
     from resnet.evaluate import evaluate_model_file
     from resnet.io import write_csv, write_json
 

@@ -15,7 +15,9 @@ STAGE = "pretrain"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--data", default="data/prepared", help="prepared dataset (default: %(default)s)")
+    parser.add_argument(
+        "--data", default=None, help="prepared dataset (default: data/prepared/<pretrain.dataset>)"
+    )
     parser.add_argument("--out", default="models/pretrain", help="output directory (default: %(default)s)")
     parser.add_argument(
         "--metrics", default="metrics/pretrain.json", help="metrics file (default: %(default)s)"
@@ -24,7 +26,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> None:
     cfg = stage_config(args)
-    from resnet.data.prepare import read_manifest
+    args.data = args.data or f"data/prepared/{cfg.pretrain.dataset}"
+    from resnet.data.prepare import read_manifest, resolve_location
     from resnet.distributed import MODEL_FILE, TrainJob, copy_model_file, init_ray, make_trainer, storage_path
     from resnet.io import write_json
     from resnet.tracking import start_stage_run
@@ -36,7 +39,7 @@ def run(args: argparse.Namespace) -> None:
         run_handle.log_params({"pretrain": cfg.pretrain.model_dump(), "augment": cfg.augment.model_dump()})
         run_handle.log_params({"ray.num_workers": cfg.ray.num_workers, "ray.use_gpu": cfg.ray.use_gpu})
         job = TrainJob(
-            data_dir=str(Path(args.data).resolve()),
+            data_dir=resolve_location(args.data),
             optim=cfg.pretrain.model_dump(),
             augment=cfg.augment.model_dump(),
             kind="pretrain",

@@ -16,7 +16,9 @@ STAGE = "tune"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--data", default="data/prepared", help="prepared dataset (default: %(default)s)")
+    parser.add_argument(
+        "--data", default=None, help="prepared dataset (default: data/prepared/<finetune.dataset>)"
+    )
     parser.add_argument(
         "--pretrained", default="models/pretrain/model.pt", help="model to fine-tune (default: %(default)s)"
     )
@@ -27,9 +29,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> None:
     cfg = stage_config(args)
+    args.data = args.data or f"data/prepared/{cfg.finetune.dataset}"
     from ray.train import Checkpoint
 
-    from resnet.data.prepare import read_manifest
+    from resnet.data.prepare import read_manifest, resolve_location
     from resnet.distributed import MODEL_FILE, TrainJob, copy_model_file, init_ray, storage_path
     from resnet.errors import PipelineError
     from resnet.io import write_csv, write_json
@@ -48,7 +51,7 @@ def run(args: argparse.Namespace) -> None:
         )
         parent.log_params({f"search_space.{k}": v.model_dump() for k, v in cfg.tune.search_space.items()})
         base = TrainJob(
-            data_dir=str(Path(args.data).resolve()),
+            data_dir=resolve_location(args.data),
             optim={},
             augment=cfg.augment.model_dump(),
             kind="finetune",

@@ -22,7 +22,7 @@ STAGES = ("prepare", "pretrain", "tune", "evaluate", "register")
 PROG = "resnet-pipeline"
 
 
-def _key_value(text: str) -> tuple[str, Any]:
+def parse_override(text: str) -> tuple[str, Any]:
     key, sep, value = text.partition("=")
     if not sep or not key:
         raise argparse.ArgumentTypeError(f"expected KEY=VALUE (e.g. pretrain.epochs=2), got {text!r}")
@@ -39,7 +39,7 @@ def stage_parser(stage: str, description: str | None) -> argparse.ArgumentParser
         "--set",
         dest="overrides",
         action="append",
-        type=_key_value,
+        type=parse_override,
         default=[],
         metavar="KEY=VALUE",
         help="override a param for this run, e.g. -S pretrain.epochs=2 (repeatable; VALUE is YAML)",

@@ -10,6 +10,7 @@ Imports only the standard library, pydantic and PyYAML, so any module may depend
 
 from __future__ import annotations
 
+import re
 import warnings
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -65,23 +66,68 @@ class FractalsConfig(Section):
     jitter: float = Field(0.1, ge=0, le=0.5)  # relative per-image perturbation of the maps
 
 
-class DataConfig(Section):
-    source: Literal["digits", "fractals"] = "digits"
+SOURCES = ("digits", "fractals", "cifar10", "cifar100", "imagefolder")
+PATH_SOURCES = ("cifar10", "cifar100", "imagefolder")  # the sources that read files (local or s3://)
+DATASET_NAME = r"^[a-z0-9][a-z0-9_-]*$"  # a directory name and a DVC stage name (prepare@NAME)
+
+
+class DatasetConfig(Section):
+    """One dataset the prepare stage builds into data/prepared/<name>: where the images come from and how
+    they are decoded, checked, resized and split."""
+
+    source: Literal["digits", "fractals", "cifar10", "cifar100", "imagefolder"]
+    # cifar10/cifar100: the python-pickle archive (.tar.gz, local or s3://), or null to download it;
+    # imagefolder: a directory of class directories, local or s3://bucket/prefix.
+    path: str | None = None
     image_size: int = Field(32, ge=8, le=512)
+    resize: Literal["stretch", "center_crop", "pad"] = "center_crop"  # for images that are not square
+    min_size: int = Field(8, ge=1)  # smaller images (either side, in pixels) are rejected as too small
+    max_rejected: float = Field(0.05, ge=0, le=1)  # fail if more than this fraction of files is rejected
     split: SplitConfig = SplitConfig()
     seed: int = Field(0, ge=0)
+    shard_size: int = Field(10_000, ge=1)  # images per Parquet shard
     fractals: FractalsConfig = FractalsConfig()
+
+    @model_validator(mode="after")
+    def _path_fits_source(self):
+        if self.source == "imagefolder" and not self.path:
+            raise ValueError("@path: required for source imagefolder (a directory or s3://bucket/prefix)")
+        if self.path is not None and self.source not in PATH_SOURCES:
+            raise ValueError(
+                f"@path: source {self.source} reads no files; path is for {', '.join(PATH_SOURCES)}"
+            )
+        return self
 
     def source_options(self) -> dict[str, Any]:
         """The selected source's own settings, as keyword arguments for `load_source`."""
-        return self.fractals.model_dump() if self.source == "fractals" else {}
+        if self.source == "fractals":
+            return self.fractals.model_dump()
+        if self.source == "imagefolder":
+            return {"path": self.path, "resize": self.resize, "min_size": self.min_size}
+        if self.source in ("cifar10", "cifar100"):
+            return {"path": self.path}
+        return {}
+
+
+DEFAULT_DATASETS = {
+    # The offline default: pretrain on formula-driven fractals (the stand-in for ImageNet), fine-tune on digits.
+    "fractals": DatasetConfig(source="fractals"),
+    "digits": DatasetConfig(source="digits"),
+}
 
 
 class AugmentConfig(Section):
-    """Training-time augmentation, applied to uint8 batches (the seeds' recipe: pad-and-crop, flip)."""
+    """Training-time augmentation of uint8 batches, in torchvision's reference order: pad-and-crop and flip,
+    an automatic policy per image, random erasing, then mixup or cutmix across the batch."""
 
     crop_padding: int = Field(4, ge=0, le=64)
     hflip: bool = False  # off by default: handwritten digits are not mirror-symmetric
+    policy: Literal["none", "trivialaugment", "randaugment"] = "none"
+    randaugment_num_ops: int = Field(2, ge=1, le=10)
+    randaugment_magnitude: int = Field(9, ge=0, le=30)
+    random_erasing: float = Field(0.0, ge=0, le=1)  # probability per image
+    mixup_alpha: float = Field(0.0, ge=0)  # 0: off
+    cutmix_alpha: float = Field(0.0, ge=0)  # 0: off; with mixup too, each batch picks one of the two
 
 
 # ---------------------------------------------------------------- training
@@ -98,6 +144,9 @@ class OptimizerConfig(Section):
     weight_decay: float = Field(5e-4, ge=0, le=1)
     label_smoothing: float = Field(0.0, ge=0, lt=1)
     warmup_epochs: int = Field(0, ge=0)
+    # memory: the prepared split as one uint8 tensor per worker (small data); ray_data: the train split
+    # streams from its Parquet shards through Ray Data to each worker's shard (data larger than memory).
+    loader: Literal["memory", "ray_data"] = "memory"
 
     @model_validator(mode="after")
     def _warmup_within_epochs(self):
@@ -109,6 +158,7 @@ class OptimizerConfig(Section):
 
 
 class PretrainConfig(OptimizerConfig):
+    dataset: str = "fractals"  # a key of `datasets`
     model: str = "resnet20"
     epochs: int = Field(6, ge=1, le=10_000)
     lr: float = Field(0.1, gt=0, le=10)
@@ -129,6 +179,7 @@ class PretrainConfig(OptimizerConfig):
 class FinetuneConfig(OptimizerConfig):
     """One fine-tuning run from the pretrain checkpoint; the sweep overrides fields from `tune.search_space`."""
 
+    dataset: str = "digits"  # a key of `datasets`: the target the sweep, evaluate and register use
     strategy: Literal["full", "linear_probe"] = "full"
     epochs: int = Field(4, ge=1, le=10_000)
     lr: float = Field(0.02, gt=0, le=10)
@@ -216,6 +267,9 @@ class RayConfig(Section):
     address: str | None = None
     num_workers: int = Field(2, ge=1)
     cpus_per_worker: float = Field(1.0, gt=0)
+    # With a `ray_data` loader, the part of each worker's CPUs left to Ray Data's read-and-decode tasks.
+    data_cpus_per_worker: float = Field(0.25, gt=0)
+
     use_gpu: bool = False
     storage_path: str = "runs/ray"  # local directory (relative to the repo) or s3://bucket/prefix
 
@@ -237,7 +291,7 @@ with warnings.catch_warnings():
     warnings.filterwarnings("ignore", message='Field name "register"')
 
     class Config(Section):
-        data: DataConfig = DataConfig()
+        datasets: dict[str, DatasetConfig] = Field(default_factory=lambda: dict(DEFAULT_DATASETS))
         augment: AugmentConfig = AugmentConfig()
         pretrain: PretrainConfig = PretrainConfig()
         finetune: FinetuneConfig = FinetuneConfig()
@@ -245,6 +299,49 @@ with warnings.catch_warnings():
         ray: RayConfig = RayConfig()
         mlflow: MlflowConfig = MlflowConfig()
         register: RegisterConfig = RegisterConfig()
+
+        @field_validator("datasets")
+        @classmethod
+        def _dataset_names(cls, datasets: dict[str, DatasetConfig]) -> dict[str, DatasetConfig]:
+            if not datasets:
+                raise ValueError("expected at least one dataset")
+            for name in datasets:
+                if not re.fullmatch(DATASET_NAME, name):
+                    raise ValueError(
+                        f"dataset name {name!r}: expected a lower-case letter or digit, then lower-case "
+                        "letters, digits, - or _ (it names a directory and a DVC stage)"
+                    )
+            return datasets
+
+        @model_validator(mode="after")
+        def _stages_name_known_datasets(self):
+            for stage in ("pretrain", "finetune"):
+                name = getattr(self, stage).dataset
+                if name not in self.datasets:
+                    raise ValueError(
+                        f"@{stage}.dataset: no dataset {name!r} in datasets "
+                        f"(expected one of {', '.join(sorted(self.datasets))})"
+                    )
+            return self
+
+        @model_validator(mode="after")
+        def _data_share_below_worker_share(self):
+            streaming = "ray_data" in (self.pretrain.loader, self.finetune.loader)
+            if streaming and self.ray.data_cpus_per_worker >= self.ray.cpus_per_worker:
+                raise ValueError(
+                    f"@ray.data_cpus_per_worker: must be less than ray.cpus_per_worker "
+                    f"({self.ray.cpus_per_worker}) with a ray_data loader, got {self.ray.data_cpus_per_worker}"
+                )
+            return self
+
+        def dataset(self, name: str) -> DatasetConfig:
+            """The dataset `name`, or a one-line ConfigError naming the known ones."""
+            try:
+                return self.datasets[name]
+            except KeyError:
+                raise ConfigError(
+                    f"no dataset {name!r} in datasets (expected one of {', '.join(sorted(self.datasets))})"
+                ) from None
 
 
 # ---------------------------------------------------------------- loading

@@ -27,5 +27,5 @@ def progress(
         mininterval=0.5 if interactive else 10.0,
         dynamic_ncols=interactive,
         disable=os.environ.get("RESNET_PROGRESS") == "0",
-        leave=interactive,
+        leave=True,  # the finished bar stays: a record of how much and how fast
     )

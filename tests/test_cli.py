@@ -5,12 +5,14 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import types
 from pathlib import Path
 
 import pytest
 import yaml
 
 from resnet.cli import STAGES, main
+from resnet.data.prepare import read_shard
 
 
 def test_top_level_help_lists_every_stage(capsys):
@@ -53,25 +55,52 @@ def test_bad_params_is_one_line_and_exit_2(tmp_path, capsys):
 
 def test_invalid_override_is_rejected(tmp_path, capsys, repo_root):
     params = str(repo_root / "params.yaml")
-    assert main(["prepare", "--params", params, "-S", "data.image_size=4", "--out", str(tmp_path / "o")]) == 2
-    assert "data.image_size: Input should be greater than or equal to 8" in capsys.readouterr().err
-
-
-def test_prepare_writes_the_dataset_with_overrides(tmp_path, repo_root, capsys):
-    out = tmp_path / "prepared"
-    argv = [
-        "prepare",
-        "--params",
-        str(repo_root / "params.yaml"),
-        "-S",
-        "data.image_size=16",
-        "--out",
-        str(out),
+    argv = ["prepare", "--params", params, "-S", "datasets.digits.image_size=4", "--dataset", "digits"]
+    assert main([*argv, "--out", str(tmp_path / "o"), "--metrics", str(tmp_path / "m.json")]) == 2
+    assert capsys.readouterr().err.splitlines() == [
+        f"resnet-pipeline prepare: error: {params}: datasets.digits.image_size: "
+        "Input should be greater than or equal to 8 (got 4)"
     ]
-    assert main(argv) == 0
+    assert list(tmp_path.iterdir()) == []
+
+
+# digits (1,797 images) with params.yaml's split (0.15, 0.15), per class: 26 or 27 val and test images each.
+DIGITS_COUNTS = {"train": 1259, "val": 269, "test": 269}
+
+
+def test_prepare_writes_the_dataset_with_overrides(tmp_path, repo_root, capsys, monkeypatch):
+    monkeypatch.setenv("RESNET_PROGRESS", "0")
+    out, metrics = tmp_path / "prepared", tmp_path / "metrics" / "digits.json"
+    argv = ["prepare", "--params", str(repo_root / "params.yaml"), "--dataset", "digits"]
+    argv += ["-S", "datasets.digits.image_size=16", "-S", "datasets.digits.shard_size=500"]
+    assert main([*argv, "--out", str(out), "--metrics", str(metrics)]) == 0
     manifest = json.loads((out / "manifest.json").read_text())
-    assert manifest["image_shape"] == [16, 16, 3] and len(manifest["classes"]) == 10
-    assert "1259 images" in capsys.readouterr().out
+    assert manifest["image_shape"] == [16, 16, 3] and manifest["classes"] == [str(i) for i in range(10)]
+    assert {s: manifest["counts"][s]["total"] for s in DIGITS_COUNTS} == DIGITS_COUNTS
+    assert manifest["counts"]["val"]["per_class"] == {str(i): 26 if i == 8 else 27 for i in range(10)}
+    assert sorted(manifest["files"]) == [
+        "test-00000-of-00001.parquet",
+        "train-00000-of-00003.parquet",
+        "train-00001-of-00003.parquet",
+        "train-00002-of-00003.parquet",
+        "val-00000-of-00001.parquet",
+    ]
+    assert [manifest["files"][f"train-0000{i}-of-00003.parquet"]["rows"] for i in range(3)] == [500, 500, 259]
+    assert json.loads(metrics.read_text()) == {
+        "classes": 10,
+        "images": DIGITS_COUNTS,
+        "rejected": 0,
+        "scanned": 1797,
+        "content_hash": manifest["content_hash"],
+    }
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["metrics", "prepared"]
+    captured = capsys.readouterr()
+    lines = captured.out.splitlines()
+    assert lines[0] == "prepare digits: digits at 16px"
+    assert lines[1] == "class   train     val    test"
+    assert lines[-2] == "total    1259     269     269"
+    assert lines[-1] == (f"prepare digits: 5 shards → {out}, content hash {manifest['content_hash'][:16]}…")
+    assert captured.err == ""
 
 
 def test_missing_model_file_is_named(tmp_path, repo_root, capsys):
@@ -144,25 +173,144 @@ def test_console_script_runs_from_any_directory(tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
+# One dataset, named for the stages that default to other names.
+ONE_DATASET = """\
+datasets:
+  digits: {source: digits, image_size: 16}
+pretrain: {dataset: digits}
+"""
+
+# Two small datasets: digits at their native 8 px and a tiny fractal set.
+TWO_DATASETS = """\
+datasets:
+  digits: {source: digits, image_size: 8}
+  fractals:
+    source: fractals
+    image_size: 16
+    fractals: {num_classes: 3, per_class: 10, points: 200}
+"""
+
+
 def test_prepare_from_a_params_file(tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("RESNET_PROGRESS", "0")
     params = tmp_path / "params.yaml"
-    params.write_text("data: {image_size: 16}\n")
+    params.write_text(ONE_DATASET)
     out = tmp_path / "prepared"
     assert main(["prepare", "--params", str(params), "--out", str(out)]) == 0
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["image_shape"] == [16, 16, 3] and manifest["source"] == "digits"
     assert sum(manifest["counts"][s]["total"] for s in ("train", "val", "test")) == 1797
-    assert np_load_shape(out / "train_images.npy") == (manifest["counts"]["train"]["total"], 16, 16, 3)
+    images, labels = read_shard(out / "train-00000-of-00001.parquet")
+    assert images.shape == (manifest["counts"]["train"]["total"], 16, 16, 3) and len(labels) == len(images)
     captured = capsys.readouterr()
-    assert captured.err == "" and "10 classes" in captured.out
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["params.yaml", "prepared"]
+    assert captured.err == "" and "total    1259     269     269" in captured.out
+    # the metrics file goes to its default, relative to the working directory
+    assert sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*") if p.is_file()) == [
+        "metrics/prepare/digits.json",
+        "params.yaml",
+        "prepared/manifest.json",
+        "prepared/test-00000-of-00001.parquet",
+        "prepared/train-00000-of-00001.parquet",
+        "prepared/val-00000-of-00001.parquet",
+    ]
 
 
-def np_load_shape(path: Path) -> tuple[int, ...]:
-    import numpy as np
+def test_prepare_builds_every_dataset_to_its_default_paths(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "params.yaml").write_text(TWO_DATASETS)
+    assert main(["prepare"]) == 0
+    shards = ["manifest.json", *(f"{s}-00000-of-00001.parquet" for s in ("test", "train", "val"))]
+    for name in ("digits", "fractals"):
+        assert sorted(p.name for p in (tmp_path / "data" / "prepared" / name).iterdir()) == shards
+    assert sorted(p.name for p in (tmp_path / "metrics" / "prepare").iterdir()) == [
+        "digits.json",
+        "fractals.json",
+    ]
+    digits = json.loads((tmp_path / "metrics" / "prepare" / "digits.json").read_text())
+    fractals = json.loads((tmp_path / "metrics" / "prepare" / "fractals.json").read_text())
+    assert (digits["classes"], digits["images"], digits["scanned"]) == (10, DIGITS_COUNTS, 1797)
+    # 10 per class at params' default split (0.15, 0.15): 2 test, 2 val, 6 train per class
+    assert (fractals["classes"], fractals["images"]) == (3, {"train": 18, "val": 6, "test": 6})
+    manifest = json.loads((tmp_path / "data" / "prepared" / "fractals" / "manifest.json").read_text())
+    assert manifest["image_shape"] == [16, 16, 3] and manifest["content_hash"] == fractals["content_hash"]
+    out = capsys.readouterr().out
+    assert out.index("prepare digits: digits at 8px") < out.index("prepare fractals: fractals at 16px")
+    assert "prepare fractals: 3 shards → data/prepared/fractals" in out
 
-    return np.load(path, mmap_mode="r").shape
+    # --dataset picks one; the other dataset's files are left as they were
+    before = (tmp_path / "metrics" / "prepare" / "digits.json").stat().st_mtime_ns
+    assert main(["prepare", "--dataset", "fractals", "-S", "datasets.fractals.seed=1"]) == 0
+    again = json.loads((tmp_path / "metrics" / "prepare" / "fractals.json").read_text())
+    assert again["content_hash"] != fractals["content_hash"] and again["images"] == fractals["images"]
+    assert (tmp_path / "metrics" / "prepare" / "digits.json").stat().st_mtime_ns == before
+
+
+@pytest.mark.parametrize("option", ["--out", "--metrics"])
+@pytest.mark.parametrize("selection", [[], ["--dataset", "digits", "--dataset", "fractals"]])
+def test_out_or_metrics_with_more_than_one_dataset_is_refused(
+    tmp_path, capsys, monkeypatch, option, selection
+):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "params.yaml").write_text(TWO_DATASETS)
+    assert main(["prepare", *selection, option, str(tmp_path / "x")]) == 2
+    captured = capsys.readouterr()
+    assert captured.err.splitlines() == [
+        "resnet-pipeline prepare: error: --out and --metrics name one dataset's outputs: give exactly one --dataset"
+    ]
+    assert captured.out == ""
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["params.yaml"]
+
+
+def test_unknown_dataset_is_refused_naming_the_known_ones(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "params.yaml").write_text(TWO_DATASETS)
+    assert main(["prepare", "--dataset", "digits", "--dataset", "flowers"]) == 2
+    captured = capsys.readouterr()
+    assert captured.err.splitlines() == [
+        "resnet-pipeline prepare: error: params.yaml: --dataset flowers: no such dataset in datasets "
+        "(expected one of digits, fractals)"
+    ]
+    assert captured.out == ""
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["params.yaml"]
+
+
+class _Stub(types.ModuleType):
+    """Stands in for a module that takes seconds to import (Ray, MLflow); any attribute is a placeholder."""
+
+    def __getattr__(self, name: str):
+        return object()
+
+
+@pytest.mark.parametrize(
+    ("stage", "dataset"), [("pretrain", "fractals"), ("tune", "digits"), ("evaluate", "digits")]
+)
+def test_training_stages_read_data_prepared_of_their_dataset_by_default(
+    tmp_path, capsys, monkeypatch, stage, dataset
+):
+    # pretrain and tune import Ray before they read the manifest: stubs keep this test fast. The manifest is
+    # read first, so the stubs are never used.
+    for module in ("ray", "ray.train", "resnet.distributed", "resnet.sweep", "resnet.tracking"):
+        monkeypatch.setitem(sys.modules, module, _Stub(module))
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "params.yaml").write_text(
+        "datasets:\n  fractals: {source: fractals}\n  digits: {source: digits}\n  other: {source: digits}\n"
+    )
+    from resnet.engine import save_model_file
+    from resnet.models import build_model
+
+    save_model_file(
+        tmp_path / "m.pt", build_model("resnet20", 10), {"model_name": "resnet20", "num_classes": 10}
+    )
+    argv = {"pretrain": [], "tune": ["--pretrained", "m.pt"], "evaluate": ["--model", "m.pt"]}[stage]
+    assert main([stage, *argv]) == 2
+    missing = Path("data") / "prepared" / dataset / "manifest.json"
+    assert capsys.readouterr().err.splitlines() == [
+        f"resnet-pipeline {stage}: error: {missing}: no manifest; run the prepare stage first"
+    ]
+    key = "pretrain.dataset" if stage == "pretrain" else "finetune.dataset"
+    assert main([stage, *argv, "-S", f"{key}=other"]) == 2
+    assert "data/prepared/other/manifest.json: no manifest" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize(
@@ -175,8 +323,9 @@ def np_load_shape(path: Path) -> tuple[int, ...]:
 )
 def test_invalid_override_is_one_line_naming_the_key(tmp_path, capsys, override, key):
     params = tmp_path / "params.yaml"
-    params.write_text("data: {image_size: 16}\n")
-    assert main(["prepare", "--params", str(params), "-S", override, "--out", str(tmp_path / "o")]) == 2
+    params.write_text(ONE_DATASET)
+    argv = ["prepare", "--params", str(params), "-S", override, "--out", str(tmp_path / "o")]
+    assert main([*argv, "--metrics", str(tmp_path / "m.json")]) == 2
     captured = capsys.readouterr()
     lines = captured.err.strip().splitlines()
     assert (
@@ -184,7 +333,7 @@ def test_invalid_override_is_one_line_naming_the_key(tmp_path, capsys, override,
         and f"{params}: {key}: " in lines[0]
         and lines[0].startswith("resnet-pipeline prepare: error: ")
     )
-    assert captured.out == "" and not (tmp_path / "o").exists()
+    assert captured.out == "" and sorted(p.name for p in tmp_path.iterdir()) == ["params.yaml"]
 
 
 def test_malformed_override_is_a_usage_error(capsys):

@@ -12,6 +12,7 @@ import yaml
 from resnet.config import (
     Config,
     ConfigError,
+    DatasetConfig,
     FinetuneConfig,
     LogUniform,
     TuneConfig,
@@ -59,8 +60,13 @@ def test_repo_params_file_loads_and_matches_its_yaml():
     raw = yaml.safe_load(path.read_text())
     cfg = load_config(path)
     assert isinstance(cfg, Config)
-    assert cfg.data.image_size == raw["data"]["image_size"]
-    assert cfg.data.split.val == raw["data"]["split"]["val"]
+    assert set(cfg.datasets) == set(raw["datasets"]) == {"fractals", "digits"}
+    for name, dataset in raw["datasets"].items():
+        assert cfg.dataset(name).source == dataset["source"]
+        assert cfg.dataset(name).image_size == dataset["image_size"]
+        assert cfg.dataset(name).split.val == dataset["split"]["val"]
+    assert cfg.pretrain.dataset == raw["pretrain"]["dataset"] == "fractals"
+    assert cfg.finetune.dataset == raw["finetune"]["dataset"] == "digits"
     assert cfg.pretrain.model == raw["pretrain"]["model"]
     assert cfg.pretrain.epochs == raw["pretrain"]["epochs"]
     assert cfg.pretrain.lr == raw["pretrain"]["lr"]
@@ -77,7 +83,24 @@ def test_default_config_validates_and_round_trips():
     assert cfg.pretrain.model == "resnet20"
     assert cfg.pretrain.epochs == 6
     assert cfg.finetune.lr == 0.02
-    assert cfg.data.split.val == 0.15 and cfg.data.split.test == 0.15
+    assert cfg.datasets == {
+        "fractals": DatasetConfig(source="fractals"),
+        "digits": DatasetConfig(source="digits"),
+    }
+    assert cfg.pretrain.dataset == "fractals" and cfg.finetune.dataset == "digits"
+    digits = cfg.dataset("digits")
+    assert (digits.image_size, digits.resize, digits.min_size, digits.max_rejected) == (
+        32,
+        "center_crop",
+        8,
+        0.05,
+    )
+    assert (digits.split.val, digits.split.test, digits.seed, digits.shard_size) == (0.15, 0.15, 0, 10_000)
+    assert digits.path is None
+    assert cfg.pretrain.loader == "memory" and cfg.finetune.loader == "memory"
+    assert cfg.ray.data_cpus_per_worker == 0.25
+    assert (cfg.augment.policy, cfg.augment.random_erasing, cfg.augment.mixup_alpha) == ("none", 0.0, 0.0)
+    assert (cfg.augment.randaugment_num_ops, cfg.augment.randaugment_magnitude) == (2, 9)
     assert cfg.tune.search_space == {}
     assert Config.model_validate(cfg.model_dump()) == cfg
     assert parse_config(None) == cfg
@@ -102,8 +125,10 @@ def test_unknown_nested_key_is_named_dotted(tmp_path):
 
 
 def test_unknown_deeply_nested_key(tmp_path):
-    message, _ = _config_error(tmp_path, {"data": {"split": {"train": 0.7}}})
-    assert "data.split.train: unknown key" in message
+    message, path = _config_error(
+        tmp_path, {"datasets": {"digits": {"source": "digits", "split": {"train": 0.7}}}}
+    )
+    assert message == f"{path}: datasets.digits.split.train: unknown key"
 
 
 def test_wrong_type(tmp_path):
@@ -118,8 +143,12 @@ def test_wrong_type(tmp_path):
     [
         ({"pretrain": {"lr": -1}}, "pretrain.lr", "-1"),
         ({"pretrain": {"epochs": 0}}, "pretrain.epochs", "0"),
-        ({"data": {"split": {"val": 0.7}}}, "data.split.val", "0.7"),
-        ({"data": {"image_size": 4}}, "data.image_size", "4"),
+        (
+            {"datasets": {"digits": {"source": "digits", "split": {"val": 0.7}}}},
+            "datasets.digits.split.val",
+            "0.7",
+        ),
+        ({"datasets": {"digits": {"source": "digits", "image_size": 4}}}, "datasets.digits.image_size", "4"),
         ({"finetune": {"momentum": 1.0}}, "finetune.momentum", "1.0"),
         ({"tune": {"asha": {"reduction_factor": 1}}}, "tune.asha.reduction_factor", "1"),
     ],
@@ -237,13 +266,9 @@ def test_boolean_is_not_an_integer(tmp_path):
 
 def test_overrides_apply_and_are_validated(tmp_path):
     path = _write(tmp_path, {"pretrain": {"epochs": 5, "lr": 0.2}})
-    cfg = load_config(
-        path, overrides={"pretrain.epochs": 3, "data.split.val": 0.2, "tune.metric": "val_loss"}
-    )
+    cfg = load_config(path, overrides={"pretrain.epochs": 3, "tune.metric": "val_loss"})
     assert cfg.pretrain.epochs == 3
     assert cfg.pretrain.lr == 0.2  # untouched keys of the same section survive
-    assert cfg.data.split.val == 0.2
-    assert cfg.data.split.test == 0.15
     assert cfg.tune.metric == "val_loss"
     # the file itself is not modified
     assert yaml.safe_load(path.read_text()) == {"pretrain": {"epochs": 5, "lr": 0.2}}
@@ -313,3 +338,233 @@ def test_sections_are_frozen():
     cfg = Config()
     with pytest.raises(Exception, match="frozen"):
         cfg.pretrain.epochs = 3  # type: ignore[misc]
+
+
+# ---------------------------------------------------------------- datasets
+
+
+TWO_DATASETS = {"fractals": {"source": "fractals"}, "digits": {"source": "digits"}}
+
+
+def _datasets(**extra: Any) -> dict[str, Any]:
+    """A params mapping whose datasets are the two the stages default to, plus `extra`."""
+    return {"datasets": TWO_DATASETS | extra}
+
+
+def test_overrides_reach_into_datasets_and_can_add_one(tmp_path):
+    path = _write(tmp_path, _datasets())
+    cfg = load_config(path, overrides={"datasets.digits.split.val": 0.2, "datasets.digits.shard_size": 500})
+    assert cfg.dataset("digits").split.val == 0.2
+    assert cfg.dataset("digits").split.test == 0.15  # untouched keys of the same dataset survive
+    assert cfg.dataset("digits").shard_size == 500
+    assert cfg.dataset("fractals") == DatasetConfig(source="fractals")
+    added = load_config(
+        path,
+        overrides={"datasets.flowers.source": "imagefolder", "datasets.flowers.path": "s3://data/flowers"},
+    )
+    assert sorted(added.datasets) == ["digits", "flowers", "fractals"]
+    assert added.dataset("flowers").path == "s3://data/flowers"
+    message, path = _config_error(tmp_path, _datasets(), {"datasets.flowers.source": "imagefolder"})
+    assert (
+        message
+        == f"{path}: datasets.flowers.path: required for source imagefolder (a directory or s3://bucket/prefix)"
+    )
+
+
+def test_the_old_data_section_is_an_unknown_key(tmp_path):
+    message, path = _config_error(tmp_path, {"data": {"image_size": 16}})
+    assert message == f"{path}: data: unknown key"
+
+
+@pytest.mark.parametrize("name", ["digits", "cifar-10", "my_set", "0day", "a"])
+def test_dataset_names_that_are_directory_and_stage_names(tmp_path, name):
+    cfg = load_config(_write(tmp_path, _datasets(**{name: {"source": "digits"}})))
+    assert cfg.dataset(name).source == "digits"
+
+
+@pytest.mark.parametrize("name", ["Bad Name", "Digits", "-x", "_x", "a/b", "a.b", "ü", ""])
+def test_dataset_name_must_be_lower_case_letters_digits_dash_underscore(tmp_path, name):
+    message, path = _config_error(tmp_path, _datasets(**{name: {"source": "digits"}}))
+    assert message == (
+        f"{path}: datasets: dataset name {name!r}: expected a lower-case letter or digit, then lower-case "
+        "letters, digits, - or _ (it names a directory and a DVC stage)"
+    )
+
+
+def test_dataset_name_with_a_trailing_newline_is_refused(tmp_path):
+    message, _ = _config_error(tmp_path, _datasets(**{"digits\n": {"source": "digits"}}))
+    assert "dataset name 'digits\\n'" in message
+
+
+def test_at_least_one_dataset(tmp_path):
+    message, path = _config_error(tmp_path, {"datasets": {}})
+    assert message == f"{path}: datasets: expected at least one dataset"
+
+
+@pytest.mark.parametrize("stage", ["pretrain", "finetune"])
+def test_stage_dataset_must_be_a_key_of_datasets(tmp_path, stage):
+    message, path = _config_error(tmp_path, {stage: {"dataset": "imagenet"}})
+    assert (
+        message
+        == f"{path}: {stage}.dataset: no dataset 'imagenet' in datasets (expected one of digits, fractals)"
+    )
+    cfg = load_config(
+        _write(tmp_path, _datasets(imagenet={"source": "cifar100"}) | {stage: {"dataset": "imagenet"}})
+    )
+    assert getattr(cfg, stage).dataset == "imagenet"
+
+
+def test_datasets_replace_the_defaults_so_the_stage_datasets_must_follow(tmp_path):
+    message, path = _config_error(tmp_path, {"datasets": {"mine": {"source": "digits"}}})
+    assert message == f"{path}: pretrain.dataset: no dataset 'fractals' in datasets (expected one of mine)"
+    raw = {
+        "datasets": {"mine": {"source": "digits"}},
+        "pretrain": {"dataset": "mine"},
+        "finetune": {"dataset": "mine"},
+    }
+    assert list(load_config(_write(tmp_path, raw)).datasets) == ["mine"]
+
+
+def test_dataset_source_is_required_and_one_of_the_known(tmp_path):
+    message, path = _config_error(tmp_path, _datasets(extra={"image_size": 16}))
+    assert message == f"{path}: datasets.extra.source: Field required"
+    message, path = _config_error(tmp_path, _datasets(extra={"source": "mnist"}))
+    assert message == (
+        f"{path}: datasets.extra.source: Input should be 'digits', 'fractals', 'cifar10', 'cifar100' or "
+        "'imagefolder' (got 'mnist')"
+    )
+
+
+def test_imagefolder_requires_a_path(tmp_path):
+    message, path = _config_error(tmp_path, _datasets(flowers={"source": "imagefolder"}))
+    assert (
+        message
+        == f"{path}: datasets.flowers.path: required for source imagefolder (a directory or s3://bucket/prefix)"
+    )
+    message, path = _config_error(tmp_path, _datasets(flowers={"source": "imagefolder", "path": ""}))
+    assert message.startswith(f"{path}: datasets.flowers.path: required for source imagefolder")
+
+
+@pytest.mark.parametrize("source", ["digits", "fractals"])
+def test_path_on_a_source_that_reads_no_files_is_an_error(tmp_path, source):
+    message, path = _config_error(tmp_path, _datasets(mine={"source": source, "path": "data/raw"}))
+    assert message == (
+        f"{path}: datasets.mine.path: source {source} reads no files; path is for cifar10, cifar100, imagefolder"
+    )
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "expected"),
+    [
+        ("resize", "fit", "Input should be 'stretch', 'center_crop' or 'pad' (got 'fit')"),
+        ("max_rejected", 1.5, "Input should be less than or equal to 1 (got 1.5)"),
+        ("max_rejected", -0.1, "Input should be greater than or equal to 0 (got -0.1)"),
+        ("shard_size", 0, "Input should be greater than or equal to 1 (got 0)"),
+        ("shard_size", True, "expected a number, got a boolean (true)"),
+        ("min_size", 0, "Input should be greater than or equal to 1 (got 0)"),
+        ("image_size", 513, "Input should be less than or equal to 512 (got 513)"),
+        ("seed", -1, "Input should be greater than or equal to 0 (got -1)"),
+    ],
+)
+def test_dataset_fields_are_validated(tmp_path, field, value, expected):
+    message, path = _config_error(tmp_path, _datasets(mine={"source": "digits", field: value}))
+    assert message == f"{path}: datasets.mine.{field}: {expected}"
+
+
+def test_dataset_that_is_not_a_mapping(tmp_path):
+    message, path = _config_error(tmp_path, {"datasets": ["digits"]})
+    assert message == f"{path}: datasets: Input should be a valid dictionary (got ['digits'])"
+
+
+def test_config_dataset_names_the_known_datasets():
+    cfg = Config()
+    assert cfg.dataset("digits") is cfg.datasets["digits"]
+    with pytest.raises(ConfigError) as info:
+        cfg.dataset("nope")
+    assert str(info.value) == "no dataset 'nope' in datasets (expected one of digits, fractals)"
+
+
+def test_source_options_are_the_selected_sources_settings():
+    assert DatasetConfig(source="digits").source_options() == {}
+    fractals = DatasetConfig(source="fractals", fractals={"num_classes": 5, "per_class": 10})
+    assert fractals.source_options() == {
+        "num_classes": 5,
+        "per_class": 10,
+        "seed": 0,
+        "points": 1500,
+        "jitter": 0.1,
+    }
+    folder = DatasetConfig(source="imagefolder", path="s3://b/p", resize="pad", min_size=16)
+    assert folder.source_options() == {"path": "s3://b/p", "resize": "pad", "min_size": 16}
+    assert DatasetConfig(source="cifar10").source_options() == {"path": None}
+    assert DatasetConfig(source="cifar100", path="c.tar.gz").source_options() == {"path": "c.tar.gz"}
+
+
+# ---------------------------------------------------------------- loaders, Ray Data, augmentation
+
+
+@pytest.mark.parametrize("section", ["pretrain", "finetune"])
+def test_loader_is_memory_or_ray_data(tmp_path, section):
+    assert (
+        getattr(load_config(_write(tmp_path, {section: {"loader": "ray_data"}})), section).loader
+        == "ray_data"
+    )
+    message, path = _config_error(tmp_path, {section: {"loader": "disk"}})
+    assert message == f"{path}: {section}.loader: Input should be 'memory' or 'ray_data' (got 'disk')"
+
+
+def test_data_cpus_per_worker_must_be_below_cpus_per_worker_with_a_ray_data_loader(tmp_path):
+    streaming = {"pretrain": {"loader": "ray_data"}}
+    message, path = _config_error(tmp_path, streaming | {"ray": {"data_cpus_per_worker": 1}})
+    assert message == (
+        f"{path}: ray.data_cpus_per_worker: must be less than ray.cpus_per_worker (1.0) with a ray_data loader, "
+        "got 1.0"
+    )
+    streaming = {"finetune": {"loader": "ray_data"}}
+    message, path = _config_error(
+        tmp_path, streaming | {"ray": {"cpus_per_worker": 2, "data_cpus_per_worker": 2.5}}
+    )
+    assert message.endswith(
+        "ray.data_cpus_per_worker: must be less than ray.cpus_per_worker (2.0) with a ray_data loader, got 2.5"
+    )
+    message, path = _config_error(tmp_path, {"ray": {"data_cpus_per_worker": 0}})
+    assert message == f"{path}: ray.data_cpus_per_worker: Input should be greater than 0 (got 0)"
+    # With the memory loader the share is unused, so a small worker is fine.
+    assert load_config(_write(tmp_path, {"ray": {"cpus_per_worker": 0.25}})).ray.cpus_per_worker == 0.25
+    cfg = load_config(_write(tmp_path, {"ray": {"cpus_per_worker": 2, "data_cpus_per_worker": 1.5}}))
+    assert cfg.ray.data_cpus_per_worker == 1.5
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "expected"),
+    [
+        (
+            "policy",
+            "autoaugment",
+            "Input should be 'none', 'trivialaugment' or 'randaugment' (got 'autoaugment')",
+        ),
+        ("randaugment_num_ops", 0, "Input should be greater than or equal to 1 (got 0)"),
+        ("randaugment_magnitude", 31, "Input should be less than or equal to 30 (got 31)"),
+        ("random_erasing", 1.5, "Input should be less than or equal to 1 (got 1.5)"),
+        ("mixup_alpha", -1, "Input should be greater than or equal to 0 (got -1)"),
+        ("cutmix_alpha", -0.5, "Input should be greater than or equal to 0 (got -0.5)"),
+    ],
+)
+def test_augment_fields_are_validated(tmp_path, field, value, expected):
+    message, path = _config_error(tmp_path, {"augment": {field: value}})
+    assert message == f"{path}: augment.{field}: {expected}"
+
+
+def test_augment_policy_settings_load(tmp_path):
+    raw = {
+        "augment": {
+            "policy": "randaugment",
+            "randaugment_num_ops": 3,
+            "randaugment_magnitude": 12,
+            "random_erasing": 0.25,
+            "mixup_alpha": 0.2,
+            "cutmix_alpha": 1.0,
+        }
+    }
+    augment = load_config(_write(tmp_path, raw)).augment
+    _assert_subset(raw["augment"], augment.model_dump())

@@ -10,7 +10,14 @@ import pytest
 import torch
 
 from resnet.data.loading import Normalize, eval_batches, load_prepared, random_crop_flip, train_batches
-from resnet.data.prepare import read_manifest, stratified_split, write_prepared
+from resnet.data.prepare import (
+    read_manifest,
+    read_shard,
+    shard_names,
+    split_files,
+    stratified_split,
+    write_prepared,
+)
 from resnet.data.sources import RawDataset, load_digits, load_source
 from resnet.errors import DataError
 
@@ -24,6 +31,12 @@ def synthetic(num_classes: int = 3, per_class: int = 20, size: int = 8, seed: in
 
 def file_hashes(directory: Path) -> dict[str, str]:
     return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(directory.iterdir())}
+
+
+def read_split(directory: Path, manifest: dict, split: str) -> tuple[np.ndarray, np.ndarray]:
+    """A split's stored (images, labels), its shards read back in order and concatenated."""
+    parts = [read_shard(directory / file) for file in split_files(manifest, split)]
+    return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
 
 
 def test_split_is_deterministic_disjoint_covering_and_stratified():
@@ -47,14 +60,15 @@ def test_split_refuses_a_class_too_small_to_split():
 
 def test_prepared_files_are_byte_identical_across_runs_and_manifest_is_right(tmp_path):
     raw = synthetic()
-    first = write_prepared(raw, tmp_path / "a", val=0.2, test=0.2, seed=0, source="synthetic")
-    write_prepared(raw, tmp_path / "b", val=0.2, test=0.2, seed=0, source="synthetic")
-    assert file_hashes(tmp_path / "a") == file_hashes(tmp_path / "b")
+    first = write_prepared(raw, tmp_path / "a", val=0.2, test=0.2, seed=0, source="synthetic", shard_size=10)
+    write_prepared(raw, tmp_path / "b", val=0.2, test=0.2, seed=0, source="synthetic", shard_size=10)
+    assert len(first["files"]) == 4 + 2 + 2  # 36 train, 12 val, 12 test rows in shards of 10
+    assert file_hashes(tmp_path / "a") == file_hashes(tmp_path / "b")  # every shard and the manifest
     counts = first["counts"]
     assert sum(counts[s]["total"] for s in ("train", "val", "test")) == 60
     for split in ("train", "val", "test"):
         assert sum(counts[split]["per_class"].values()) == counts[split]["total"]
-    train = np.load(tmp_path / "a" / "train_images.npy")
+    train, _ = read_split(tmp_path / "a", first, "train")
     pixels = train.reshape(-1, 3) / 255.0
     np.testing.assert_allclose(first["mean"], pixels.mean(0), atol=1e-6)
     np.testing.assert_allclose(first["std"], pixels.std(0), atol=1e-6)
@@ -77,8 +91,11 @@ def test_digits_source_and_unknown_source():
     assert digits.images.shape == (1797, 32, 32, 3) and digits.images.dtype == np.uint8
     assert digits.classes == tuple(str(i) for i in range(10))
     assert digits.images.max() == 255  # 0..16 rescaled to the full range
-    with pytest.raises(DataError, match="expected one of digits"):
+    with pytest.raises(DataError) as info:
         load_source("nope", 32)
+    assert str(info.value) == (
+        "unknown data source 'nope': expected one of cifar10, cifar100, digits, fractals, imagefolder"
+    )
 
 
 def test_load_prepared_round_trips_to_nchw(tmp_path):
@@ -86,7 +103,7 @@ def test_load_prepared_round_trips_to_nchw(tmp_path):
     write_prepared(raw, tmp_path / "d", val=0.2, test=0.2, seed=0, source="synthetic")
     data = load_prepared(tmp_path / "d")
     train = data.splits["train"]
-    stored = np.load(tmp_path / "d" / "train_images.npy")
+    stored, _ = read_split(tmp_path / "d", read_manifest(tmp_path / "d"), "train")
     assert train.images.dtype == torch.uint8 and tuple(train.images.shape) == (len(stored), 3, 8, 8)
     assert torch.equal(train.images, torch.from_numpy(stored).permute(0, 3, 1, 2))
     assert data.classes == ["c0", "c1", "c2"] and data.num_classes == 3
@@ -160,10 +177,14 @@ def test_manifest_describes_the_files(tmp_path):
     raw = synthetic(num_classes=3, per_class=20)
     manifest = write_prepared(raw, tmp_path / "d", val=0.2, test=0.2, seed=5, source="synthetic")
     hashes = file_hashes(tmp_path / "d")
-    assert manifest["files"] == {k: v for k, v in hashes.items() if k != "manifest.json"}
-    assert sorted(manifest["files"]) == sorted(
-        f"{s}_{k}.npy" for s in ("train", "val", "test") for k in ("images", "labels")
-    )
+    assert {k: v["sha256"] for k, v in manifest["files"].items()} == {
+        k: v for k, v in hashes.items() if k != "manifest.json"
+    }
+    assert sorted(manifest["files"]) == [
+        "test-00000-of-00001.parquet",
+        "train-00000-of-00001.parquet",
+        "val-00000-of-00001.parquet",
+    ]
     assert (
         manifest["image_shape"] == [8, 8, 3] and manifest["seed"] == 5 and manifest["source"] == "synthetic"
     )
@@ -173,8 +194,9 @@ def test_manifest_describes_the_files(tmp_path):
     # the stored splits are exactly stratified_split's indices
     split = stratified_split(raw.labels, 0.2, 0.2, 5)
     for name, idx in split.items():
-        assert np.array_equal(np.load(tmp_path / "d" / f"{name}_images.npy"), raw.images[idx])
-        assert np.array_equal(np.load(tmp_path / "d" / f"{name}_labels.npy"), raw.labels[idx])
+        images, labels = read_split(tmp_path / "d", manifest, name)
+        assert np.array_equal(images, raw.images[idx]) and np.array_equal(labels, raw.labels[idx])
+        assert manifest["files"][f"{name}-00000-of-00001.parquet"]["rows"] == len(idx)
 
 
 def test_rewriting_the_same_directory_is_byte_identical_and_leaves_no_temporaries(tmp_path):
@@ -187,18 +209,25 @@ def test_rewriting_the_same_directory_is_byte_identical_and_leaves_no_temporarie
     assert [p.name for p in tmp_path.iterdir()] == ["d"]
 
 
-def test_one_changed_pixel_changes_exactly_one_file(tmp_path):
+def test_one_changed_pixel_changes_exactly_one_shard(tmp_path):
     raw = synthetic()
-    before = write_prepared(raw, tmp_path / "a", val=0.2, test=0.2, seed=0, source="s")
+    options = {"val": 0.2, "test": 0.2, "seed": 0, "source": "s", "shard_size": 5}
+    before = write_prepared(raw, tmp_path / "a", **options)
+    assert len(before["files"]) == 8 + 3 + 3  # 36 train, 12 val, 12 test rows in shards of 5
     images = raw.images.copy()
     images[0, 3, 4, 1] ^= 0x80
-    after = write_prepared(
-        RawDataset(images, raw.labels, raw.classes), tmp_path / "b", val=0.2, test=0.2, seed=0, source="s"
-    )
+    after = write_prepared(RawDataset(images, raw.labels, raw.classes), tmp_path / "b", **options)
+    assert after["files"].keys() == before["files"].keys()
     changed = {k for k in before["files"] if before["files"][k] != after["files"][k]}
-    home = next(name for name, idx in stratified_split(raw.labels, 0.2, 0.2, 0).items() if 0 in idx)
-    assert changed == {f"{home}_images.npy"}
+    home, idx = next(
+        (name, idx) for name, idx in stratified_split(raw.labels, 0.2, 0.2, 0).items() if 0 in idx
+    )
+    position = int(np.flatnonzero(idx == 0)[0])
+    assert changed == {shard_names(home, len(idx), 5)[position // 5]}
     assert after["content_hash"] != before["content_hash"]
+    assert {k: v for k, v in after.items() if k not in ("files", "content_hash", "mean", "std")} == {
+        k: v for k, v in before.items() if k not in ("files", "content_hash", "mean", "std")
+    }
 
 
 def test_a_failed_write_keeps_the_previous_output_and_no_temporary(tmp_path, monkeypatch):
@@ -275,9 +304,10 @@ def test_load_prepared_keeps_labels_and_statistics(tmp_path):
 
 
 def test_prepared_dataset_errors_name_the_file(tmp_path):
-    write_prepared(synthetic(), tmp_path / "d", val=0.2, test=0.2, seed=0, source="s")
-    (tmp_path / "d" / "val_labels.npy").unlink()
-    with pytest.raises(DataError, match="val_labels.npy: missing from the prepared dataset"):
+    manifest = write_prepared(synthetic(), tmp_path / "d", val=0.2, test=0.2, seed=0, source="s")
+    (tmp_path / "d" / "val-00000-of-00001.parquet").unlink()
+    assert split_files(manifest, "val") == ["val-00000-of-00001.parquet"]
+    with pytest.raises(DataError, match="val-00000-of-00001.parquet: missing from the prepared dataset"):
         load_prepared(tmp_path / "d")
     (tmp_path / "d" / "manifest.json").write_text("{not json")
     with pytest.raises(DataError, match="manifest.json: not valid JSON"):
@@ -369,3 +399,20 @@ def test_normalize_is_exactly_the_same_for_uint8_and_float_input():
     assert torch.equal(out, normalize(images.float() / 255))
     assert images.dtype == torch.uint8  # the input is not modified in place
     assert out[0, 2, 0, 0].item() == pytest.approx((images[0, 2, 0, 0].item() / 255 - 0.3) / 0.125, rel=1e-6)
+
+
+def test_a_split_is_a_map_style_dataset_for_a_dataloader_with_the_same_batches(tmp_path):
+    from torch.utils.data import DataLoader, DistributedSampler
+
+    write_prepared(synthetic(), tmp_path / "d", val=0.2, test=0.2, seed=0, source="synthetic")
+    train = load_prepared(tmp_path / "d", splits=("train",)).splits["train"]
+    image, label = train[3]
+    assert image.equal(train.images[3]) and int(label) == int(train.labels[3])
+    for rank in (0, 1):
+        sampler = DistributedSampler(train, num_replicas=2, rank=rank, shuffle=True, seed=7)
+        sampler.set_epoch(2)
+        loaded = list(DataLoader(train, batch_size=4, sampler=sampler))
+        ours = list(train_batches(train, 4, epoch=2, seed=7, rank=rank, world_size=2))
+        assert len(loaded) == len(ours)
+        for (a_images, a_labels), (b_images, b_labels) in zip(loaded, ours, strict=True):
+            assert a_images.equal(b_images) and a_labels.equal(b_labels)

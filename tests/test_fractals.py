@@ -10,6 +10,7 @@ import pytest
 from resnet.cli import main
 from resnet.config import ConfigError, parse_config
 from resnet.data.fractals import sample_ifs
+from resnet.data.prepare import read_shard, split_files
 from resnet.data.sources import load_source
 
 
@@ -48,19 +49,46 @@ def test_sampled_maps_are_contractive():
 
 
 def test_config_selects_and_validates_the_source():
-    cfg = parse_config({"data": {"source": "fractals", "fractals": {"num_classes": 5, "per_class": 10}}})
-    assert cfg.data.source_options()["num_classes"] == 5
-    assert parse_config({}).data.source_options() == {}
-    with pytest.raises(ConfigError, match=r"data\.fractals\.num_classes"):
-        parse_config({"data": {"fractals": {"num_classes": 1}}})
+    datasets = {"digits": {"source": "digits"}, "fractals": {"source": "fractals"}}
+    cfg = parse_config(
+        {"datasets": datasets | {"fractals": {"source": "fractals", "fractals": {"num_classes": 5}}}}
+    )
+    assert cfg.dataset("fractals").source_options() == {
+        "num_classes": 5,
+        "per_class": 100,
+        "seed": 0,
+        "points": 1500,
+        "jitter": 0.1,
+    }
+    assert parse_config({}).dataset("digits").source_options() == {}
+    assert parse_config({}).dataset("fractals").source_options()["num_classes"] == 10
+    with pytest.raises(ConfigError) as info:
+        parse_config(
+            {"datasets": datasets | {"fractals": {"source": "fractals", "fractals": {"num_classes": 1}}}}
+        )
+    assert str(info.value) == (
+        "params.yaml: datasets.fractals.fractals.num_classes: Input should be greater than or equal to 2 (got 1)"
+    )
 
 
-def test_prepare_stage_builds_fractals(tmp_path, repo_root):
-    out = tmp_path / "prepared"
-    argv = ["prepare", "--params", str(repo_root / "params.yaml"), "--out", str(out)]
-    overrides = ["data.source=fractals", "data.image_size=16", "data.fractals.num_classes=3"]
-    overrides += ["data.fractals.per_class=20", "data.fractals.points=300"]
-    assert main(argv + [arg for o in overrides for arg in ("-S", o)]) == 0
+def test_prepare_stage_builds_fractals(tmp_path, repo_root, capsys):
+    out, metrics = tmp_path / "prepared", tmp_path / "fractals.json"
+    argv = ["prepare", "--params", str(repo_root / "params.yaml"), "--dataset", "fractals"]
+    argv += ["--out", str(out), "--metrics", str(metrics)]
+    overrides = ["image_size=16", "fractals.num_classes=3", "fractals.per_class=20", "fractals.points=300"]
+    overrides += ["shard_size=5"]
+    assert main(argv + [arg for o in overrides for arg in ("-S", f"datasets.fractals.{o}")]) == 0
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["source"] == "fractals" and manifest["classes"] == ["ifs000", "ifs001", "ifs002"]
-    assert sum(manifest["counts"][s]["total"] for s in ("train", "val", "test")) == 60
+    assert manifest["image_shape"] == [16, 16, 3]
+    # 20 per class, 10% val and test (params.yaml): 2 + 2 + 16 per class
+    assert {s: manifest["counts"][s]["total"] for s in ("train", "val", "test")} == {
+        "train": 48,
+        "val": 6,
+        "test": 6,
+    }
+    assert len(split_files(manifest, "train")) == 10 and len(split_files(manifest, "val")) == 2
+    images, labels = read_shard(out / split_files(manifest, "train")[0])
+    assert images.shape == (5, 16, 16, 3) and set(labels.tolist()) <= {0, 1, 2}
+    assert json.loads(metrics.read_text())["images"] == {"train": 48, "val": 6, "test": 6}
+    assert "prepare fractals: fractals at 16px" in capsys.readouterr().out

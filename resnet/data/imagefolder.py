@@ -175,8 +175,7 @@ def load_s3(
 
     bucket, prefix = api.split_s3_uri(uri)
     prefix = prefix.rstrip("/") + "/" if prefix.strip("/") else ""
-    base = f"s3://{bucket}/{prefix}"
-    objects = api.list_objects(base)
+    objects = api.list_objects(uri)  # a prefix is a directory there too; errors name the URI as given
     if not objects:
         raise DataError(f"{uri}: no objects under this prefix ({LAYOUT})")
     layout = s3_layout(uri, bucket, prefix, objects)

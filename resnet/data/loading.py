@@ -8,6 +8,7 @@ the same code for one process and for N Ray Train workers.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,17 +17,23 @@ import numpy as np
 import torch
 from torch.utils.data import DistributedSampler
 
-from resnet.data.prepare import read_manifest
+from resnet.data.prepare import join_location, read_manifest, read_shard, split_files
 from resnet.errors import DataError
 
 
 @dataclass(frozen=True)
-class Split:
+class Split(torch.utils.data.Dataset):
+    """One split in memory; also a map-style torch Dataset ((uint8 CHW image, label) per index), for users who
+    want a `DataLoader`. The training loop itself indexes whole batches at once (`train_batches`)."""
+
     images: torch.Tensor  # uint8 (N, 3, H, W)
     labels: torch.Tensor  # int64 (N,)
 
     def __len__(self) -> int:
         return len(self.labels)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.images[index], self.labels[index]
 
 
 @dataclass(frozen=True)
@@ -41,21 +48,55 @@ class PreparedData:
     def num_classes(self) -> int:
         return len(self.classes)
 
+    # What engine.fit asks of its data; a streaming source (distributed.RayDataSource) answers the same.
+
+    def train_steps(self, batch_size: int, world_size: int = 1) -> int:
+        """Optimiser steps per epoch on each rank with `batch_size` images per rank."""
+        return math.ceil(math.ceil(len(self.splits["train"]) / world_size) / batch_size)
+
+    def train_epoch(
+        self, batch_size: int, *, epoch: int, seed: int, rank: int = 0, world_size: int = 1
+    ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        return train_batches(
+            self.splits["train"], batch_size, epoch=epoch, seed=seed, rank=rank, world_size=world_size
+        )
+
+    def val_batches(
+        self, batch_size: int, *, rank: int = 0, world_size: int = 1
+    ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        return eval_batches(self.splits["val"], batch_size, rank=rank, world_size=world_size)
+
 
 def load_prepared(
     prepared_dir: str | Path, splits: tuple[str, ...] = ("train", "val", "test")
 ) -> PreparedData:
-    prepared_dir = Path(prepared_dir)
+    """The prepared dataset's `splits` in memory, as uint8 NCHW tensors, with its classes and statistics.
+    `prepared_dir` is a local directory or s3://bucket/prefix (endpoint and keys from the AWS environment)."""
     manifest = read_manifest(prepared_dir)
     loaded = {}
     for name in splits:
-        try:
-            images = np.load(prepared_dir / f"{name}_images.npy", allow_pickle=False)
-            labels = np.load(prepared_dir / f"{name}_labels.npy", allow_pickle=False)
-        except FileNotFoundError as err:
-            raise DataError(f"{err.filename}: missing from the prepared dataset") from None
+        parts = []
+        for file in split_files(manifest, name):
+            location = join_location(prepared_dir, file)
+            try:
+                parts.append(read_shard(location))
+            except FileNotFoundError:
+                raise DataError(f"{location}: missing from the prepared dataset") from None
+            except (OSError, ValueError, KeyError) as err:  # pyarrow's ArrowInvalid is a ValueError
+                reason = " ".join(str(err).split())  # pyarrow's messages can span lines
+                raise DataError(f"{location}: not a readable Parquet shard ({reason})") from None
+        if not parts:
+            raise DataError(f"{prepared_dir}: the manifest lists no {name} shards")
+        images = np.concatenate([p[0] for p in parts]) if len(parts) > 1 else parts[0][0]
+        labels = np.concatenate([p[1] for p in parts]) if len(parts) > 1 else parts[0][1]
+        if len(labels) != manifest["counts"][name]["total"]:
+            raise DataError(
+                f"{prepared_dir}: {name} has {len(labels)} rows, the manifest says "
+                f"{manifest['counts'][name]['total']}; run the prepare stage again"
+            )
+        # The Arrow buffer is read-only; torch wants a writable array, and NCHW is a copy anyway.
         loaded[name] = Split(
-            torch.from_numpy(images).permute(0, 3, 1, 2).contiguous(), torch.from_numpy(labels).long()
+            torch.from_numpy(np.ascontiguousarray(images.transpose(0, 3, 1, 2))), torch.from_numpy(labels)
         )
     return PreparedData(
         manifest["classes"], tuple(manifest["mean"]), tuple(manifest["std"]), manifest["content_hash"], loaded

@@ -1,7 +1,15 @@
-"""The prepare stage's library: stratified split, per-channel statistics, manifest, atomic write.
+"""The prepare stage's library: stratified split, per-channel statistics, Parquet shards, manifest, atomic write.
 
-A prepared dataset is a directory of plain `.npy` arrays (uint8 NHWC images, int64 labels) per split plus
-`manifest.json`. `.npy` has no timestamps, so the same input gives byte-identical files and DVC sees no change.
+A prepared dataset is a directory:
+
+    manifest.json                      classes, counts per split and class, mean/std, files, hashes, rejects
+    train-00000-of-00002.parquet       columns: image (fixed-size binary, H*W*3 uint8 bytes, HWC), label (int32)
+    ...
+
+Parquet because both readers this project has can take it as it is: the map-style loader (pyarrow → one numpy
+buffer, no copy) and Ray Data (`read_parquet`, streaming from local disk or S3). Parquet written by the same
+pyarrow from the same rows has no timestamps, so the same input gives byte-identical files and `dvc repro`
+stays a no-op.
 """
 
 from __future__ import annotations
@@ -20,6 +28,7 @@ from resnet.errors import DataError
 
 SPLITS = ("train", "val", "test")
 MANIFEST = "manifest.json"
+FORMAT = "resnet-pipeline/parquet-shards/v1"
 
 
 def stratified_split(labels: np.ndarray, val: float, test: float, seed: int) -> dict[str, np.ndarray]:
@@ -41,12 +50,22 @@ def stratified_split(labels: np.ndarray, val: float, test: float, seed: int) -> 
 
 
 def channel_stats(images: np.ndarray) -> tuple[list[float], list[float]]:
-    """Per-channel mean and std of uint8 NHWC images, in [0, 1] units, computed in float64."""
-    pixels = images.reshape(-1, images.shape[-1]).astype(np.float64) / 255.0
-    return pixels.mean(axis=0).round(6).tolist(), pixels.std(axis=0).round(6).tolist()
+    """Per-channel mean and std of uint8 NHWC images, in [0, 1] units, exact (integer sums, then float64)."""
+    pixels = images.reshape(-1, images.shape[-1])
+    count = len(pixels)
+    # Per-channel sums of x and x² in int64 over chunks: exact, and no float64 copy of the whole dataset.
+    sums = np.zeros(pixels.shape[1], dtype=np.int64)
+    squares = np.zeros(pixels.shape[1], dtype=np.int64)
+    for start in range(0, count, 1 << 22):
+        chunk = pixels[start : start + (1 << 22)].astype(np.int64)
+        sums += chunk.sum(axis=0)
+        squares += (chunk * chunk).sum(axis=0)
+    mean = sums / count
+    std = np.sqrt(np.maximum(squares / count - mean * mean, 0.0))
+    return (mean / 255.0).round(6).tolist(), (std / 255.0).round(6).tolist()
 
 
-def _sha256(path: Path) -> str:
+def sha256_file(path: str | Path) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as handle:
         for block in iter(lambda: handle.read(1 << 20), b""):
@@ -54,30 +73,127 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
+def shard_names(split: str, rows: int, shard_size: int) -> list[str]:
+    count = max(1, -(-rows // shard_size))
+    return [f"{split}-{i:05d}-of-{count:05d}.parquet" for i in range(count)]
+
+
+def write_shard(path: Path, images: np.ndarray, labels: np.ndarray) -> None:
+    """One Parquet file: `image` as fixed-size binary (the HWC bytes of one image), `label` as int32."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    n, h, w, c = images.shape
+    width = h * w * c
+    flat = pa.py_buffer(np.ascontiguousarray(images).reshape(-1))
+    image_column = pa.FixedSizeBinaryArray.from_buffers(pa.binary(width), n, [None, flat])
+    schema = pa.schema(
+        [pa.field("image", pa.binary(width)), pa.field("label", pa.int32())],
+        metadata={"image_shape": json.dumps([h, w, c])},
+    )
+    table = pa.Table.from_arrays([image_column, pa.array(labels.astype(np.int32))], schema=schema)
+    # One row group per shard, zstd: images of this kind compress well; no statistics (nothing to filter on).
+    pq.write_table(table, path, compression="zstd", row_group_size=max(n, 1), write_statistics=False)
+
+
+def join_location(prepared_dir: str | Path, name: str) -> str:
+    """`prepared_dir`/`name` for a local directory or an s3://bucket/prefix alike."""
+    text = str(prepared_dir)
+    return f"{text.rstrip('/')}/{name}" if text.startswith("s3://") else str(Path(text) / name)
+
+
+def resolve_location(location: str | Path) -> str:
+    """An absolute path (Ray workers run elsewhere) or an s3:// URI unchanged."""
+    text = str(location)
+    return text if text.startswith("s3://") else str(Path(text).resolve())
+
+
+def read_bytes(location: str | Path) -> bytes:
+    """A file's bytes from local disk or S3 (a prepared dataset may live in a bucket, for cluster workers that
+    share no disk). FileNotFoundError locally; DataError naming the URI from S3."""
+    if str(location).startswith("s3://"):
+        from resnet.data.s3 import read_object  # boto3 only when the data is on S3
+
+        return read_object(str(location))
+    return Path(location).read_bytes()
+
+
+def read_shard(location: str | Path) -> tuple[np.ndarray, np.ndarray]:
+    """(uint8 (N, H, W, 3) images, int64 labels) of one shard, local or s3://, the images without a per-row copy."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    table = pq.read_table(pa.BufferReader(read_bytes(location)))
+    shape = json.loads(table.schema.metadata[b"image_shape"])
+    return table_to_arrays(table, shape)
+
+
+def table_to_arrays(table, shape) -> tuple[np.ndarray, np.ndarray]:
+    """A Parquet/Arrow table of (image fixed-size binary, label) → (uint8 (N, *shape), int64 (N,))."""
+    column = table.column("image").combine_chunks()
+    width = column.type.byte_width
+    data = column.buffers()[1]
+    images = np.frombuffer(data, dtype=np.uint8, count=len(column) * width, offset=column.offset * width)
+    labels = table.column("label").to_numpy().astype(np.int64)
+    return images.reshape(len(column), *shape), labels
+
+
 def write_prepared(
-    raw: RawDataset, out_dir: str | Path, *, val: float, test: float, seed: int, source: str
+    raw: RawDataset,
+    out_dir: str | Path,
+    *,
+    val: float,
+    test: float,
+    seed: int,
+    source: str,
+    shard_size: int = 10_000,
+    max_rejected: float = 1.0,
+    progress=None,
 ) -> dict:
     """Split `raw` and write it to `out_dir` atomically: everything goes to a temporary sibling directory which
-    replaces `out_dir` only once complete, so a failure never leaves a half-written dataset. Returns the manifest."""
+    replaces `out_dir` only once complete, so a failure never leaves a half-written dataset. Returns the manifest.
+
+    `max_rejected` is the fraction of input files that may have been rejected by the source; more is an error
+    (a dataset that lost a tenth of its images to corruption should not train silently). `progress`, if given,
+    is called as progress(iterable, desc=..., total=..., unit=...) around the shard writes.
+    """
     out_dir = Path(out_dir)
+    scanned = len(raw.labels) + len(raw.rejected)
+    if raw.rejected and len(raw.rejected) / scanned > max_rejected:
+        reasons = _reason_counts(raw)
+        raise DataError(
+            f"{source}: {len(raw.rejected)} of {scanned} files rejected "
+            f"({', '.join(f'{n} {r}' for r, n in reasons.items())}), more than max_rejected={max_rejected}"
+        )
     if len(raw.classes) < 2:
         raise DataError(f"{source}: found {len(raw.classes)} class; a classifier needs at least 2")
+    empty = [cls for i, cls in enumerate(raw.classes) if not (raw.labels == i).any()]
+    if empty:
+        raise DataError(f"{source}: no usable images in class {', '.join(empty)}")
     splits = stratified_split(raw.labels, val, test, seed)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
     try:
-        files = {}
+        jobs = []
         for name in SPLITS:
             idx = splits[name]
-            for kind, array in (("images", raw.images[idx]), ("labels", raw.labels[idx])):
-                path = tmp / f"{name}_{kind}.npy"
-                np.save(path, np.ascontiguousarray(array), allow_pickle=False)
-                files[path.name] = _sha256(path)
+            for i, file in enumerate(shard_names(name, len(idx), shard_size)):
+                jobs.append((file, idx[i * shard_size : (i + 1) * shard_size]))
+        files = {}
+        for file, idx in (
+            progress(jobs, desc=f"{source}: write", total=len(jobs), unit="shard") if progress else jobs
+        ):
+            write_shard(tmp / file, raw.images[idx], raw.labels[idx])
+            files[file] = {"rows": int(len(idx)), "sha256": sha256_file(tmp / file)}
         mean, std = channel_stats(raw.images[splits["train"]])
-        content_hash = hashlib.sha256(json.dumps(files, sort_keys=True).encode()).hexdigest()
+        content_hash = hashlib.sha256(
+            json.dumps({f: v["sha256"] for f, v in files.items()}, sort_keys=True).encode()
+        ).hexdigest()
         manifest = {
+            "format": FORMAT,
             "source": source,
             "classes": list(raw.classes),
+            "class_to_index": {cls: i for i, cls in enumerate(raw.classes)},
             "image_shape": list(raw.images.shape[1:]),
             "seed": seed,
             "counts": {
@@ -93,7 +209,12 @@ def write_prepared(
             "std": std,
             "files": files,
             "content_hash": content_hash,
-            "rejected": [],
+            "scanned": scanned,
+            "rejected": [
+                {"file": r.file, "reason": r.reason, "detail": r.detail}
+                for r in sorted(raw.rejected, key=lambda r: r.file)
+            ],
+            "rejected_by_reason": _reason_counts(raw),
         }
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
         os.chmod(tmp, 0o755)
@@ -106,11 +227,78 @@ def write_prepared(
     return manifest
 
 
+def prepare_dataset(name: str, dataset, out_dir: str | Path, *, progress=None) -> dict:
+    """Load dataset `name` (a `config.DatasetConfig`) from its source and write it to `out_dir`; the manifest."""
+    from resnet.data.sources import load_source
+
+    raw = load_source(dataset.source, dataset.image_size, **dataset.source_options())
+    return write_prepared(
+        raw,
+        out_dir,
+        val=dataset.split.val,
+        test=dataset.split.test,
+        seed=dataset.seed,
+        source=name,
+        shard_size=dataset.shard_size,
+        max_rejected=dataset.max_rejected,
+        progress=progress,
+    )
+
+
+def _reason_counts(raw: RawDataset) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for rejected in raw.rejected:
+        counts[rejected.reason] = counts.get(rejected.reason, 0) + 1
+    return dict(sorted(counts.items()))
+
+
+def summary_metrics(manifest: dict) -> dict:
+    """The numbers `dvc metrics show` tracks for a prepared dataset."""
+    return {
+        "classes": len(manifest["classes"]),
+        "images": {name: manifest["counts"][name]["total"] for name in SPLITS},
+        "rejected": len(manifest["rejected"]),
+        "scanned": manifest["scanned"],
+        "content_hash": manifest["content_hash"],
+    }
+
+
+def summary_table(manifest: dict, max_classes: int = 20) -> str:
+    """Counts per class and split, as a fixed-width table for the end of the prepare stage's output."""
+    classes = manifest["classes"]
+    width = max(5, *(len(c) for c in classes[:max_classes]))
+    lines = [f"{'class':<{width}} " + " ".join(f"{name:>7}" for name in SPLITS)]
+    for cls in classes[:max_classes]:
+        lines.append(
+            f"{cls:<{width}} " + " ".join(f"{manifest['counts'][s]['per_class'][cls]:>7}" for s in SPLITS)
+        )
+    if len(classes) > max_classes:
+        lines.append(f"{'…':<{width}} ({len(classes) - max_classes} more classes)")
+    lines.append(f"{'total':<{width}} " + " ".join(f"{manifest['counts'][s]['total']:>7}" for s in SPLITS))
+    if manifest["rejected"]:
+        reasons = ", ".join(f"{n} {r}" for r, n in manifest["rejected_by_reason"].items())
+        lines.append(f"rejected {len(manifest['rejected'])} of {manifest['scanned']} files: {reasons}")
+    return "\n".join(lines)
+
+
 def read_manifest(prepared_dir: str | Path) -> dict:
-    path = Path(prepared_dir) / MANIFEST
+    """The manifest of a prepared dataset in a local directory or under s3://bucket/prefix."""
+    path = join_location(prepared_dir, MANIFEST)
     try:
-        return json.loads(path.read_text())
+        manifest = json.loads(read_bytes(path))
     except FileNotFoundError:
         raise DataError(f"{path}: no manifest; run the prepare stage first") from None
+    except UnicodeDecodeError:
+        raise DataError(f"{path}: not UTF-8 text, expected a JSON manifest") from None
     except json.JSONDecodeError as err:
         raise DataError(f"{path}: not valid JSON ({err.msg} at line {err.lineno})") from None
+    if manifest.get("format") != FORMAT:
+        raise DataError(
+            f"{path}: format {manifest.get('format')!r}, expected {FORMAT!r}; run the prepare stage again"
+        )
+    return manifest
+
+
+def split_files(manifest: dict, split: str) -> list[str]:
+    """The shard file names of `split`, in order."""
+    return sorted(f for f in manifest["files"] if f.startswith(f"{split}-"))

@@ -355,6 +355,17 @@ def _read_object(client: Any, bucket: str, key: str) -> bytes | Exception:
 # --- files ----------------------------------------------------------------------------------------------------
 
 
+def read_object(uri: str) -> bytes:
+    """One object's bytes (with read_objects' retries); DataError with one line naming the URI if it fails."""
+    bucket, key = split_s3_uri(uri)
+    if not key or key.endswith("/"):
+        raise DataError(f"{uri}: names no object (expected s3://bucket/key)")
+    _, content = next(read_objects(bucket, [key], workers=1))
+    if isinstance(content, Exception):
+        raise content if isinstance(content, DataError) else _data_error(content, uri)
+    return content
+
+
 def download_file(uri: str, destination: str | Path) -> None:
     """One object to a local file: written beside it under a temporary name, renamed once complete."""
     bucket, key = split_s3_uri(uri)

@@ -75,7 +75,33 @@ def load_fractals(image_size: int, **options) -> RawDataset:
     return render(image_size, **options)
 
 
-SOURCES = {"digits": load_digits, "fractals": load_fractals}
+def load_cifar10(image_size: int, **options) -> RawDataset:
+    """CIFAR-10's python-pickle archive: downloaded, a local file or directory, or s3:// (resnet/data/cifar.py)."""
+    from resnet.data.cifar import load_cifar
+
+    return load_cifar("cifar10", image_size, **options)
+
+
+def load_cifar100(image_size: int, **options) -> RawDataset:
+    from resnet.data.cifar import load_cifar
+
+    return load_cifar("cifar100", image_size, **options)
+
+
+def load_imagefolder(image_size: int, **options) -> RawDataset:
+    """CLASS/IMAGE directory trees, local or s3:// (resnet/data/imagefolder.py)."""
+    from resnet.data.imagefolder import load_imagefolder as load
+
+    return load(image_size, **options)
+
+
+SOURCES = {
+    "digits": load_digits,
+    "fractals": load_fractals,
+    "cifar10": load_cifar10,
+    "cifar100": load_cifar100,
+    "imagefolder": load_imagefolder,
+}
 
 
 def load_source(name: str, image_size: int, **options) -> RawDataset:
