@@ -9,6 +9,8 @@ Rank 0 also logs each epoch to the MLflow run the job names: Ray Train V2 has no
 from __future__ import annotations
 
 import dataclasses
+import functools
+import math
 import os
 import shutil
 import tempfile
@@ -16,14 +18,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import ray
 import ray.train
 import torch
-from ray.train import Checkpoint, CheckpointConfig, RunConfig, ScalingConfig
+from ray.train import Checkpoint, CheckpointConfig, DataConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
 from resnet.config import AugmentConfig, FinetuneConfig, PretrainConfig, RayConfig
-from resnet.data.loading import load_prepared
+from resnet.data.loading import PreparedData, load_prepared
+from resnet.data.prepare import join_location, read_manifest, split_files
 from resnet.engine import TrainState, fit, load_model_file, save_model_file
 from resnet.finetune import apply_strategy, replace_head
 from resnet.io import atomic_path
@@ -72,6 +76,64 @@ class TrainJob:
         return dataclasses.asdict(self) | {"mlflow_run": self.mlflow_run}
 
 
+# ---------------------------------------------------------------- Ray Data loading
+
+# Rows each worker shuffles among as they stream in (on top of the shards' seeded order from prepare).
+SHUFFLE_BUFFER = 2048
+
+
+def _read_shards(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Parquet shard paths → their rows as uint8 NCHW images and int64 labels (what engine.fit expects)."""
+    from resnet.data.prepare import read_shard
+
+    parts = [read_shard(str(path)) for path in batch["path"]]
+    images = np.concatenate([p[0] for p in parts])
+    return {
+        "image": np.ascontiguousarray(images.transpose(0, 3, 1, 2)),
+        "label": np.concatenate([p[1] for p in parts]),
+    }
+
+
+def train_dataset(data_dir: str, task_cpus: float) -> ray.data.Dataset:
+    """The prepared train split as a Ray Data dataset: shards are read and decoded by Ray tasks (each asking
+    `task_cpus`) and streamed to the workers, so no process holds the whole split. Built from the manifest's
+    file list rather than `read_parquet`, whose file listing step asks a whole CPU that training workers
+    may hold. Called inside the Train controller."""
+    import ray.data
+
+    # Ray Data's per-operator progress bars flood a log; the training loop reports progress per epoch.
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    manifest = read_manifest(data_dir)
+    files = [{"path": join_location(data_dir, name)} for name in split_files(manifest, "train")]
+    return ray.data.from_items(files).map_batches(_read_shards, batch_size=1, num_cpus=task_cpus)
+
+
+class RayDataSource:
+    """`engine.fit`'s data with the train split streaming from this worker's Ray Data shard. The validation
+    split is small next to training (and must count every image exactly once), so it stays in memory."""
+
+    def __init__(self, shard, train_rows: int, held_out: PreparedData):
+        self.shard, self.train_rows, self.held_out = shard, train_rows, held_out
+        self.mean, self.std, self.num_classes = held_out.mean, held_out.std, held_out.num_classes
+
+    def train_steps(self, batch_size: int, world_size: int = 1) -> int:
+        # Ray Train splits the stream into equal shards (the remainder is dropped), so ranks step in lockstep.
+        return max(1, math.ceil((self.train_rows // world_size) / batch_size))
+
+    def train_epoch(self, batch_size: int, *, epoch: int, seed: int, rank: int = 0, world_size: int = 1):
+        batches = self.shard.iter_torch_batches(
+            batch_size=batch_size,
+            device="cpu",  # augmentation runs on uint8 CPU tensors; fit moves batches to the device
+            local_shuffle_buffer_size=SHUFFLE_BUFFER,
+            local_shuffle_seed=(seed * 1_000_003 + epoch) * 64 + rank,
+        )
+        for batch in batches:
+            yield batch["image"], batch["label"]
+
+    def val_batches(self, batch_size: int, *, rank: int = 0, world_size: int = 1):
+        return self.held_out.val_batches(batch_size, rank=rank, world_size=world_size)
+
+
 def build_job_model(job: TrainJob, num_classes: int) -> tuple[torch.nn.Module, str, bool]:
     """(model, model name, freeze BN) for the job: a fresh model to pretrain, or a loaded one to fine-tune."""
     if job.kind == "pretrain":
@@ -94,16 +156,25 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     augment = AugmentConfig(**job.augment)
     torch.manual_seed(optim.seed)  # same initial weights on every rank (DDP also broadcasts rank 0's)
 
-    data = load_prepared(job.data_dir, splits=("train", "val"))
+    if optim.loader == "ray_data":
+        manifest = read_manifest(job.data_dir)
+        data = RayDataSource(
+            ray.train.get_dataset_shard("train"),
+            manifest["counts"]["train"]["total"],
+            load_prepared(job.data_dir, splits=("val",)),
+        )
+        held_out = data.held_out
+    else:
+        data = held_out = load_prepared(job.data_dir, splits=("train", "val"))
     model, model_name, freeze_bn = build_job_model(job, data.num_classes)
     meta = {
         "model_name": model_name,
         "num_classes": data.num_classes,
-        "classes": data.classes,
-        "image_size": int(data.splits["train"].images.shape[-1]),
+        "classes": held_out.classes,
+        "image_size": int(held_out.splits["val"].images.shape[-1]),
         "mean": list(data.mean),
         "std": list(data.std),
-        "data_hash": data.content_hash,
+        "data_hash": held_out.content_hash,
         **job.meta,
     }
 
@@ -161,10 +232,23 @@ def make_trainer(
     callbacks: list | None = None,
 ) -> TorchTrainer:
     """A TorchTrainer for `job`, keeping only the best checkpoint by `metric`."""
+    streaming = job.optim.get("loader") == "ray_data"
+    worker_cpus = cpus_per_worker if cpus_per_worker is not None else cfg.cpus_per_worker
+    if streaming:
+        # Ray Data's read tasks need CPU that training workers do not hold: each worker leaves
+        # `data_cpus_per_worker` of its share to them.
+        worker_cpus = round(worker_cpus - cfg.data_cpus_per_worker, 4)
     return TorchTrainer(
         train_loop_per_worker,
         train_loop_config=job.to_config(),
-        scaling_config=scaling_config(cfg, cpus_per_worker),
+        # A factory, so that the dataset is built where the Train controller runs (also on a remote cluster).
+        datasets=(
+            {"train": functools.partial(train_dataset, job.data_dir, cfg.data_cpus_per_worker)}
+            if streaming
+            else None
+        ),
+        dataset_config=DataConfig(datasets_to_split=["train"]) if streaming else None,
+        scaling_config=scaling_config(cfg, worker_cpus),
         run_config=RunConfig(
             name=name,
             storage_path=storage,

@@ -19,7 +19,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from resnet.data.loading import Normalize, PreparedData, eval_batches, random_crop_flip, train_batches
+from resnet.data.augment import BatchAugment, hard_labels, loss_fn
+from resnet.data.loading import Normalize
 from resnet.io import atomic_path
 from resnet.models import build_model
 
@@ -30,7 +31,9 @@ class EpochStats:
     correct: int = 0
     count: int = 0
 
-    def add(self, loss: torch.Tensor, logits: torch.Tensor, labels: torch.Tensor) -> None:
+    def add(self, loss: torch.Tensor, logits: torch.Tensor, targets: torch.Tensor) -> None:
+        """`targets`: class indices, or (mixup/cutmix) class probabilities, counted by their largest class."""
+        labels = hard_labels(targets)
         self.loss_sum += float(loss) * len(labels)
         self.correct += int((logits.argmax(1) == labels).sum())
         self.count += len(labels)
@@ -108,26 +111,29 @@ def train_epoch(
     optimizer: torch.optim.Optimizer,
     scheduler,
     normalize: Normalize,
+    augment: BatchAugment,
     *,
-    crop_padding: int,
-    hflip: bool,
     label_smoothing: float,
     device: torch.device,
     generator: torch.Generator,
     freeze_bn: bool = False,
 ) -> EpochStats:
+    """One pass over `batches` of uint8 images: augment on the CPU, normalise, step. Metrics over all ranks."""
     set_train_mode(model, freeze_bn)
     stats = EpochStats()
     for images, labels in batches:
-        images = random_crop_flip(images, padding=crop_padding, hflip=hflip, generator=generator)
-        images, labels = normalize(images.to(device, non_blocking=True)), labels.to(device, non_blocking=True)
+        images, targets = augment(images, labels, generator)
+        images, targets = (
+            normalize(images.to(device, non_blocking=True)),
+            targets.to(device, non_blocking=True),
+        )
         logits = model(images)
-        loss = nn.functional.cross_entropy(logits, labels, label_smoothing=label_smoothing)
+        loss = loss_fn(logits, targets, label_smoothing)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
         scheduler.step()
-        stats.add(loss.detach(), logits.detach(), labels)
+        stats.add(loss.detach(), logits.detach(), targets)
     return stats.all_reduce()
 
 
@@ -165,7 +171,7 @@ class TrainState:
 
 def fit(
     model: nn.Module,
-    data: PreparedData,
+    data,
     optim,
     augment,
     *,
@@ -178,7 +184,9 @@ def fit(
 ) -> nn.Module:
     """Train `model` for `optim.epochs` epochs on `data`'s train split, validating after every epoch.
 
-    `optim` is an `OptimizerConfig`, `augment` an `AugmentConfig`. Under torch.distributed the model is wrapped
+    `data` is a `loading.PreparedData` (in memory) or anything with the same `train_steps`, `train_epoch`,
+    `val_batches`, `mean`, `std` and `num_classes` (Ray Data's streaming shards). `optim` is an
+    `OptimizerConfig`, `augment` an `AugmentConfig` or a ready `BatchAugment`. Under torch.distributed the model is wrapped
     in DDP here and each rank trains on its shard with `optim.batch_size // world_size` images per step. After
     each epoch `on_epoch_end(metrics, state)` is called on every rank (metrics are global); `state` holds the
     live tensors, so save or copy it there rather than keep it. Returns the unwrapped model.
@@ -186,8 +194,9 @@ def fit(
     model.to(device)
     net = nn.parallel.DistributedDataParallel(model) if world_size > 1 else model
     per_rank_batch = max(1, optim.batch_size // world_size)
-    train, val = data.splits["train"], data.splits["val"]
-    steps_per_epoch = math.ceil(math.ceil(len(train) / world_size) / per_rank_batch)
+    steps_per_epoch = data.train_steps(per_rank_batch, world_size)
+    if not isinstance(augment, BatchAugment):
+        augment = BatchAugment.from_config(augment, data.num_classes)
     optimizer = build_optimizer(model, optim)
     scheduler = build_scheduler(optimizer, optim, steps_per_epoch)
     start_epoch = 0
@@ -203,14 +212,11 @@ def fit(
         started = time.perf_counter()
         train_stats = train_epoch(
             net,
-            train_batches(
-                train, per_rank_batch, epoch=epoch, seed=optim.seed, rank=rank, world_size=world_size
-            ),
+            data.train_epoch(per_rank_batch, epoch=epoch, seed=optim.seed, rank=rank, world_size=world_size),
             optimizer,
             scheduler,
             normalize,
-            crop_padding=augment.crop_padding,
-            hflip=augment.hflip,
+            augment,
             label_smoothing=optim.label_smoothing,
             device=device,
             generator=generator,
@@ -218,7 +224,7 @@ def fit(
         )
         train_seconds = time.perf_counter() - started
         val_stats = evaluate(
-            net, eval_batches(val, 256, rank=rank, world_size=world_size), normalize, device=device
+            net, data.val_batches(256, rank=rank, world_size=world_size), normalize, device=device
         )
         metrics = {
             "epoch": epoch + 1,

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from resnet.config import AugmentConfig, FinetuneConfig, PretrainConfig
+from resnet.data.augment import BatchAugment
 from resnet.data.loading import Normalize, PreparedData, Split
 from resnet.engine import (
     EpochStats,
@@ -79,6 +80,16 @@ def test_epoch_stats_arithmetic():
     assert stats.count == 3 and stats.correct == 2
     assert stats.loss == pytest.approx((2 * 2 + 1) / 3) and stats.accuracy == pytest.approx(2 / 3)
     assert stats.all_reduce() is stats  # no process group: unchanged
+
+
+def test_epoch_stats_count_soft_targets_by_their_largest_class():
+    stats = EpochStats()
+    logits = torch.tensor([[2.0, 0.0, 0.0], [0.0, 2.0, 0.0], [0.0, 0.0, 2.0]])
+    mixed = torch.tensor([[0.7, 0.3, 0.0], [0.6, 0.0, 0.4], [0.0, 0.45, 0.55]])  # heaviest: 0, 0, 2
+    stats.add(torch.tensor(0.5), logits, mixed)
+    assert (stats.count, stats.correct) == (3, 2)
+    stats.add(torch.tensor(0.5), logits, torch.tensor([0, 1, 1]))  # hard labels as before
+    assert (stats.count, stats.correct) == (6, 4) and stats.loss == pytest.approx(0.5)
 
 
 def test_warmup_then_cosine_schedule():
@@ -178,6 +189,82 @@ def test_train_state_handed_to_on_epoch_end_holds_live_tensors():
     # the state "after epoch 1" has been trained on through epoch 3
     assert torch.equal(kept[1].model["fc.weight"], model.fc.weight.detach())
     assert kept[1].epoch == 1 and kept[3].epoch == 3
+
+
+def _fit_once(augment) -> list[dict]:
+    seen: list = []
+    torch.manual_seed(0)
+    optim = PretrainConfig(model="resnet20", epochs=2, batch_size=16, lr=0.05, seed=0)
+    fit(
+        build_model("resnet20", 2),
+        tiny_data(),
+        optim,
+        augment,
+        device=CPU,
+        on_epoch_end=lambda m, s: seen.append(m),
+    )
+    return seen
+
+
+@pytest.mark.parametrize(
+    "augment",
+    [
+        AugmentConfig(crop_padding=2, mixup_alpha=0.4),
+        BatchAugment(num_classes=2, crop_padding=0, mixup_alpha=0.2, cutmix_alpha=1.0),
+    ],
+    ids=["mixup-config", "mixup-cutmix-batchaugment"],
+)
+def test_fit_with_soft_targets_reports_accuracies_in_the_unit_interval(augment):
+    seen = _fit_once(augment)
+    assert [m["epoch"] for m in seen] == [1, 2]
+    for metrics in seen:
+        assert 0.0 <= metrics["train_acc"] <= 1.0 and 0.0 <= metrics["val_acc"] <= 1.0
+        assert math.isfinite(metrics["train_loss"]) and math.isfinite(metrics["val_loss"])
+        assert metrics["images_per_sec"] > 0
+    as_batch = augment if isinstance(augment, BatchAugment) else BatchAugment.from_config(augment, 2)
+    assert as_batch.soft_targets  # the loss and the accuracy did see (N, 2) probabilities
+    assert seen[-1]["lr"] == pytest.approx(0.0, abs=1e-9)
+
+
+def test_fit_takes_any_data_with_the_prepared_data_interface():
+    """What engine.fit asks of its data (a streaming source answers the same): the schedule's length comes
+    from train_steps, the batches from train_epoch and val_batches."""
+    data = tiny_data()
+    calls: list = []
+
+    class Streamed:
+        mean, std, num_classes = data.mean, data.std, data.num_classes
+
+        def train_steps(self, batch_size, world_size=1):
+            calls.append(("train_steps", batch_size, world_size))
+            return data.train_steps(batch_size, world_size)
+
+        def train_epoch(self, batch_size, *, epoch, seed, rank=0, world_size=1):
+            calls.append(("train_epoch", batch_size, epoch))
+            return data.train_epoch(batch_size, epoch=epoch, seed=seed, rank=rank, world_size=world_size)
+
+        def val_batches(self, batch_size, *, rank=0, world_size=1):
+            calls.append(("val_batches", batch_size, rank))
+            return data.val_batches(batch_size, rank=rank, world_size=world_size)
+
+    seen: list = []
+    torch.manual_seed(0)
+    fit(
+        build_model("resnet20", 2),
+        Streamed(),
+        OPTIM,
+        NO_AUGMENT,
+        device=CPU,
+        on_epoch_end=lambda m, s: seen.append(m),
+    )
+    assert calls == [
+        ("train_steps", 16, 1),
+        *[c for e in range(3) for c in (("train_epoch", 16, e), ("val_batches", 256, 0))],
+    ]
+    assert seen[-1]["lr"] == pytest.approx(0.0, abs=1e-9)  # 4 steps per epoch, as train_steps said
+    expected: list = []
+    train(expected)
+    assert [m["train_loss"] for m in seen] == [m["train_loss"] for m in expected]  # same as PreparedData
 
 
 def model_meta(**changes) -> dict:
