@@ -17,43 +17,6 @@ from resnet.errors import DataError
 
 integration = pytest.mark.integration
 
-_AWS_VARIABLES = (
-    "AWS_PROFILE",
-    "AWS_DEFAULT_PROFILE",
-    "AWS_SESSION_TOKEN",
-    "AWS_SECURITY_TOKEN",
-    "AWS_ENDPOINT_URL",
-    "AWS_ENDPOINT_URL_S3",
-    "AWS_MAX_ATTEMPTS",
-    "AWS_RETRY_MODE",
-    "AWS_REGION",
-    "AWS_DEFAULT_REGION",
-    "AWS_ACCESS_KEY_ID",
-    "AWS_SECRET_ACCESS_KEY",
-)
-
-
-@pytest.fixture
-def aws_isolated(monkeypatch, tmp_path):
-    """No AWS settings from the machine (variables, ~/.aws, instance metadata); a fresh client before and after."""
-    for name in _AWS_VARIABLES:
-        monkeypatch.delenv(name, raising=False)
-    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "no-aws-config"))
-    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "no-aws-credentials"))
-    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
-    clear = s3.s3_client.cache_clear  # (a test may replace s3_client; monkeypatch restores it after this)
-    clear()
-    yield monkeypatch
-    clear()
-
-
-@pytest.fixture
-def s3_env(s3_server, aws_isolated):
-    """The environment of a user of the test server (admin keys, AWS_ENDPOINT_URL_S3)."""
-    for name, value in s3_server.env().items():
-        aws_isolated.setenv(name, value)
-    return aws_isolated
-
 
 @pytest.fixture
 def prefix() -> str:
