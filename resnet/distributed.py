@@ -27,7 +27,7 @@ from ray.train.torch import TorchTrainer
 
 from resnet.config import AugmentConfig, FinetuneConfig, PretrainConfig, RayConfig
 from resnet.data.loading import PreparedData, load_prepared
-from resnet.data.prepare import join_location, read_manifest, split_files
+from resnet.data.prepare import join_location, read_manifest, read_shard, split_files
 from resnet.engine import TrainState, fit, load_model_file, save_model_file
 from resnet.finetune import apply_strategy, replace_head
 from resnet.io import atomic_path
@@ -84,8 +84,6 @@ SHUFFLE_BUFFER = 2048
 
 def _read_shards(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     """Parquet shard paths → their rows as uint8 NCHW images and int64 labels (what engine.fit expects)."""
-    from resnet.data.prepare import read_shard
-
     parts = [read_shard(str(path)) for path in batch["path"]]
     images = np.concatenate([p[0] for p in parts])
     return {

@@ -186,10 +186,10 @@ def fit(
 
     `data` is a `loading.PreparedData` (in memory) or anything with the same `train_steps`, `train_epoch`,
     `val_batches`, `mean`, `std` and `num_classes` (Ray Data's streaming shards). `optim` is an
-    `OptimizerConfig`, `augment` an `AugmentConfig` or a ready `BatchAugment`. Under torch.distributed the model is wrapped
-    in DDP here and each rank trains on its shard with `optim.batch_size // world_size` images per step. After
-    each epoch `on_epoch_end(metrics, state)` is called on every rank (metrics are global); `state` holds the
-    live tensors, so save or copy it there rather than keep it. Returns the unwrapped model.
+    `OptimizerConfig`, `augment` an `AugmentConfig` or a ready `BatchAugment`. Under torch.distributed the model
+    is wrapped in DDP here and each rank trains on its shard with `optim.batch_size // world_size` images per
+    step. After each epoch `on_epoch_end(metrics, state)` is called on every rank (metrics are global); `state`
+    holds the live tensors, so save or copy it there rather than keep it. Returns the unwrapped model.
     """
     model.to(device)
     net = nn.parallel.DistributedDataParallel(model) if world_size > 1 else model
