@@ -17,7 +17,7 @@ pytestmark = pytest.mark.integration
 
 TINY = {
     "datasets": {
-        "fractals": {"image_size": 16, "fractals": {"per_class": 20, "points": 400}},
+        "fractals": {"image_size": 16, "fractals": {"num_classes": 10, "per_class": 20, "points": 400}},
         "digits": {"image_size": 16},
     },
     # Pretraining streams its shards through Ray Data; fine-tuning holds them in memory: both paths run.
