@@ -19,6 +19,7 @@ import json
 import os
 import shutil
 import tempfile
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -246,10 +247,7 @@ def prepare_dataset(name: str, dataset, out_dir: str | Path, *, progress=None) -
 
 
 def _reason_counts(raw: RawDataset) -> dict[str, int]:
-    counts: dict[str, int] = {}
-    for rejected in raw.rejected:
-        counts[rejected.reason] = counts.get(rejected.reason, 0) + 1
-    return dict(sorted(counts.items()))
+    return dict(sorted(Counter(rejected.reason for rejected in raw.rejected).items()))
 
 
 def summary_metrics(manifest: dict) -> dict:
