@@ -26,7 +26,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> None:
     cfg = stage_config(args)
-    args.data = args.data or f"data/prepared/{cfg.finetune.dataset}"
+    from resnet.data.prepare import default_prepared_dir
+
+    args.data = args.data or default_prepared_dir(cfg.finetune.dataset)
     from resnet.evaluate import evaluate_model_file
     from resnet.io import write_csv, write_json
 

@@ -36,7 +36,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> None:
     cfg = stage_config(args)
-    from resnet.data.prepare import prepare_dataset, summary_metrics, summary_table
+    from resnet.data.prepare import default_prepared_dir, prepare_dataset, summary_metrics, summary_table
     from resnet.errors import PipelineError
     from resnet.io import write_json
     from resnet.progress import progress
@@ -52,7 +52,7 @@ def run(args: argparse.Namespace) -> None:
         )
     for name in names:
         dataset = cfg.datasets[name]
-        out = args.out or f"data/prepared/{name}"
+        out = args.out or default_prepared_dir(name)
         where = f" from {dataset.path}" if dataset.path else ""
         print(f"prepare {name}: {dataset.source}{where} at {dataset.image_size}px", flush=True)
         manifest = prepare_dataset(name, dataset, out, progress=progress)

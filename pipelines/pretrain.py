@@ -26,12 +26,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> None:
     cfg = stage_config(args)
-    args.data = args.data or f"data/prepared/{cfg.pretrain.dataset}"
-    from resnet.data.prepare import read_manifest, resolve_location
+    from resnet.data.prepare import default_prepared_dir, read_manifest, resolve_location
     from resnet.distributed import MODEL_FILE, TrainJob, copy_model_file, init_ray, make_trainer, storage_path
     from resnet.io import write_json
     from resnet.tracking import start_stage_run
 
+    args.data = args.data or default_prepared_dir(cfg.pretrain.dataset)
     manifest = read_manifest(args.data)  # fail on missing data before starting anything
     init_ray(cfg.ray)
     run_handle = start_stage_run(cfg.mlflow, STAGE, manifest["content_hash"])

@@ -29,16 +29,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> None:
     cfg = stage_config(args)
-    args.data = args.data or f"data/prepared/{cfg.finetune.dataset}"
     from ray.train import Checkpoint
 
-    from resnet.data.prepare import read_manifest, resolve_location
+    from resnet.data.prepare import default_prepared_dir, read_manifest, resolve_location
     from resnet.distributed import MODEL_FILE, TrainJob, copy_model_file, init_ray, storage_path
     from resnet.errors import PipelineError
     from resnet.io import write_csv, write_json
     from resnet.sweep import best_checkpoint_path, close_trial_runs, max_epochs, run_sweep, sweep_table
     from resnet.tracking import start_stage_run
 
+    args.data = args.data or default_prepared_dir(cfg.finetune.dataset)
     manifest = read_manifest(args.data)
     pretrained = Path(args.pretrained)
     if not pretrained.is_file():

@@ -66,7 +66,6 @@ class FractalsConfig(Section):
     jitter: float = Field(0.1, ge=0, le=0.5)  # relative per-image perturbation of the maps
 
 
-SOURCES = ("digits", "fractals", "cifar10", "cifar100", "imagefolder")
 PATH_SOURCES = ("cifar10", "cifar100", "imagefolder")  # the sources that read files (local or s3://)
 DATASET_NAME = r"^[a-z0-9][a-z0-9_-]*$"  # a directory name and a DVC stage name (prepare@NAME)
 

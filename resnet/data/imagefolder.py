@@ -25,6 +25,7 @@ from typing import Any
 import numpy as np
 
 from resnet.data.images import RESIZE_POLICIES, RejectedImage, decode_image, one_line
+from resnet.data.s3 import is_s3_uri  # boto3 is imported only when S3 is used
 from resnet.data.sources import REJECT_REASONS, RawDataset, Rejected
 from resnet.errors import DataError
 from resnet.progress import progress
@@ -81,7 +82,7 @@ def load_imagefolder(
         if not isinstance(value, int) or value < 1:
             raise DataError(f"imagefolder {name} {value!r}: expected a positive integer")
     path = os.fspath(path)
-    if path.startswith("s3://"):
+    if is_s3_uri(path):
         return load_s3(path, image_size, resize=resize, min_size=min_size, workers=workers)
     layout = list_local(path)
     return decode_layout(

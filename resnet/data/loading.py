@@ -87,8 +87,8 @@ def load_prepared(
                 raise DataError(f"{location}: not a readable Parquet shard ({reason})") from None
         if not parts:
             raise DataError(f"{prepared_dir}: the manifest lists no {name} shards")
-        images = np.concatenate([p[0] for p in parts]) if len(parts) > 1 else parts[0][0]
-        labels = np.concatenate([p[1] for p in parts]) if len(parts) > 1 else parts[0][1]
+        images = np.concatenate([p[0] for p in parts])
+        labels = np.concatenate([p[1] for p in parts])
         if len(labels) != manifest["counts"][name]["total"]:
             raise DataError(
                 f"{prepared_dir}: {name} has {len(labels)} rows, the manifest says "

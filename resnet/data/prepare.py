@@ -6,8 +6,9 @@ A prepared dataset is a directory:
     train-00000-of-00002.parquet       columns: image (fixed-size binary, H*W*3 uint8 bytes, HWC), label (int32)
     ...
 
-Parquet because both readers this project has can take it as it is: the map-style loader (pyarrow → one numpy
-buffer, no copy) and Ray Data (`read_parquet`, streaming from local disk or S3). Parquet written by the same
+Parquet because every reader of the project takes a shard as it is, from local disk or S3: the in-memory
+loader (pyarrow → one numpy buffer, no per-row copy), Ray Data's read tasks (`distributed.train_dataset`) and
+anyone with pyarrow or pandas. Parquet written by the same
 pyarrow from the same rows has no timestamps, so the same input gives byte-identical files and `dvc repro`
 stays a no-op.
 """
@@ -24,11 +25,13 @@ from pathlib import Path
 
 import numpy as np
 
+from resnet.data.s3 import is_s3_uri, read_object  # boto3 is imported only when one is used
 from resnet.data.sources import RawDataset
 from resnet.errors import DataError
 
 SPLITS = ("train", "val", "test")
 MANIFEST = "manifest.json"
+PREPARED_ROOT = "data/prepared"  # where the prepare stage writes each dataset (dvc.yaml says the same)
 FORMAT = "resnet-pipeline/parquet-shards/v1"
 
 
@@ -97,24 +100,27 @@ def write_shard(path: Path, images: np.ndarray, labels: np.ndarray) -> None:
     pq.write_table(table, path, compression="zstd", row_group_size=max(n, 1), write_statistics=False)
 
 
+def default_prepared_dir(name: str) -> str:
+    """Where the stage `prepare@name` writes dataset `name`: the default `--data` of the training stages."""
+    return f"{PREPARED_ROOT}/{name}"
+
+
 def join_location(prepared_dir: str | Path, name: str) -> str:
     """`prepared_dir`/`name` for a local directory or an s3://bucket/prefix alike."""
     text = str(prepared_dir)
-    return f"{text.rstrip('/')}/{name}" if text.startswith("s3://") else str(Path(text) / name)
+    return f"{text.rstrip('/')}/{name}" if is_s3_uri(text) else str(Path(text) / name)
 
 
 def resolve_location(location: str | Path) -> str:
     """An absolute path (Ray workers run elsewhere) or an s3:// URI unchanged."""
     text = str(location)
-    return text if text.startswith("s3://") else str(Path(text).resolve())
+    return text if is_s3_uri(text) else str(Path(text).resolve())
 
 
 def read_bytes(location: str | Path) -> bytes:
     """A file's bytes from local disk or S3 (a prepared dataset may live in a bucket, for cluster workers that
     share no disk). FileNotFoundError locally; DataError naming the URI from S3."""
-    if str(location).startswith("s3://"):
-        from resnet.data.s3 import read_object  # boto3 only when the data is on S3
-
+    if is_s3_uri(str(location)):
         return read_object(str(location))
     return Path(location).read_bytes()
 
