@@ -57,11 +57,13 @@ def run(args: argparse.Namespace) -> None:
             kind="finetune",
             init_from=str(pretrained.resolve()),
             threads_per_worker=max(1, int(cfg.ray.cpus_per_worker)),
+            stage="finetune",
         )
+        storage = storage_path(cfg.ray)
         results = run_sweep(
             cfg,
             base,
-            storage=storage_path(cfg.ray),
+            storage=storage,
             name=f"tune-{parent.run_id[:12]}",
             root=str(Path.cwd()),
             parent=parent,
@@ -72,7 +74,9 @@ def run(args: argparse.Namespace) -> None:
         if all(row["error"] for row in table):
             raise PipelineError(f"tune: all {len(table)} trials failed; see the Ray logs above")
         best, checkpoint_path = best_checkpoint_path(results, metric, mode)
-        meta = copy_model_file(Checkpoint(checkpoint_path), Path(args.out) / MODEL_FILE)
+        meta = copy_model_file(
+            Checkpoint(checkpoint_path, filesystem=storage.filesystem), Path(args.out) / MODEL_FILE
+        )
         best_config = cfg.finetune.model_dump() | best.config
         write_json(Path(args.out) / "best.json", {"config": best_config, "metrics": meta["metrics"]})
         write_csv(args.table, table)

@@ -133,16 +133,43 @@ class AugmentConfig(Section):
 
 
 class OptimizerConfig(Section):
-    """What a training run of either stage shares: optimiser, schedule, batch, epochs."""
+    """The training recipe either stage shares: optimiser, schedule, batch, precision, regularisation, stopping.
+
+    torchvision's classification reference and timm are the bar: every knob there that matters for a ResNet
+    is here, with their defaults where the two agree.
+    """
 
     epochs: int = Field(ge=1, le=10_000)
-    batch_size: int = Field(32, ge=1, le=65_536)  # global: split evenly over the Ray Train workers
-    lr: float = Field(gt=0, le=10)
-    momentum: float = Field(0.9, ge=0, lt=1)
-    nesterov: bool = False
-    weight_decay: float = Field(5e-4, ge=0, le=1)
+    batch_size: int = Field(
+        32, ge=1, le=65_536
+    )  # global, per optimiser step: split over workers (and micro-batches)
+    optimizer: Literal["sgd", "adamw"] = "sgd"
+    lr: float = Field(gt=0, le=10)  # peak LR (after warmup)
+    momentum: float = Field(0.9, ge=0, lt=1)  # sgd
+    nesterov: bool = False  # sgd
+    betas: tuple[float, float] = (0.9, 0.999)  # adamw
+    weight_decay: float = Field(5e-4, ge=0, le=1)  # on conv/linear weights only, never on norm or bias
+    # Per optimiser step: cosine decays to 0; step multiplies by lr_step_gamma every lr_step_epochs; onecycle is
+    # torch's OneCycleLR (its rise is warmup_epochs, or 30% of the run when 0); constant holds the peak.
+    schedule: Literal["cosine", "step", "onecycle", "constant"] = "cosine"
+    warmup_epochs: int = Field(0, ge=0)  # linear warmup from ~0 to lr (cosine, step, constant)
+    lr_step_epochs: int = Field(30, ge=1)
+    lr_step_gamma: float = Field(0.1, gt=0, le=1)
     label_smoothing: float = Field(0.0, ge=0, lt=1)
-    warmup_epochs: int = Field(0, ge=0)
+    dropout: float = Field(0.0, ge=0, lt=1)  # before the classifier
+    grad_clip_norm: float = Field(0.0, ge=0)  # clip the global gradient norm to this; 0: off
+    accumulate_steps: int = Field(
+        1, ge=1, le=1024
+    )  # micro-batches per optimiser step (same maths, less memory)
+    # bf16, or fp16 with a gradient scaler: autocast on GPU (CPU autocast works but is rarely faster)
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    channels_last: bool = False  # NHWC memory format: faster convolutions on CPU (oneDNN) and tensor cores
+    compile: bool = False  # torch.compile the model (first epoch pays the compilation)
+    ema_decay: float = Field(0.0, ge=0, lt=1)  # > 0: validate, checkpoint and hand on an EMA of the weights
+    metric: Literal["val_acc", "val_loss"] = "val_acc"  # picks the best checkpoints; drives early stopping
+    early_stopping_patience: int = Field(0, ge=0)  # stop after this many epochs without improvement; 0: off
+    early_stopping_min_delta: float = Field(0.0, ge=0)  # smaller improvements do not count
+    deterministic: bool = False  # deterministic kernels (slower; cuDNN autotuning off)
     # memory: the prepared split as one uint8 tensor per worker (small data); ray_data: the train split
     # streams from its Parquet shards through Ray Data to each worker's shard (data larger than memory).
     loader: Literal["memory", "ray_data"] = "memory"
@@ -154,6 +181,18 @@ class OptimizerConfig(Section):
                 f"@warmup_epochs: must be less than epochs ({self.epochs}), got {self.warmup_epochs}"
             )
         return self
+
+    @field_validator("betas")
+    @classmethod
+    def _betas_in_unit_interval(cls, betas: tuple[float, float]) -> tuple[float, float]:
+        if not all(0 <= b < 1 for b in betas):
+            raise ValueError(f"expected two numbers in [0, 1), got {list(betas)}")
+        return betas
+
+    @property
+    def mode(self) -> Literal["max", "min"]:
+        """Whether `metric` is maximised or minimised."""
+        return "max" if self.metric == "val_acc" else "min"
 
 
 class PretrainConfig(OptimizerConfig):
@@ -236,6 +275,7 @@ class AshaConfig(Section):
 
 class TuneConfig(Section):
     num_samples: int = Field(4, ge=1, le=10_000)
+    seed: int = Field(0, ge=0)  # the sampler's: the same params draw the same trial configurations
     metric: Literal["val_acc", "val_loss"] = "val_acc"
     asha: AshaConfig = AshaConfig()
     max_concurrent_trials: int | None = Field(None, ge=1)  # None: as many as the cluster's CPUs allow
@@ -268,8 +308,16 @@ class RayConfig(Section):
     cpus_per_worker: float = Field(1.0, gt=0)
     # With a `ray_data` loader, the part of each worker's CPUs left to Ray Data's read-and-decode tasks.
     data_cpus_per_worker: float = Field(0.25, gt=0)
-
-    use_gpu: bool = False
+    use_gpu: bool = False  # DDP over NCCL instead of gloo
+    gpus_per_worker: float = Field(1.0, gt=0)  # with use_gpu; a fraction shares a GPU between workers
+    # PACK: as few nodes as possible (fast all-reduce); SPREAD: across nodes; STRICT_*: or fail to place.
+    placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"
+    max_failures: int = Field(2, ge=-1)  # worker-group restarts from the last checkpoint; -1: unlimited
+    # Retries when Ray Train's controller fails, e.g. the workers cannot be placed within its 60 s start-up
+    # timeout (too few nodes for STRICT_SPREAD): fail instead of waiting forever. -1 (Ray's default): unlimited,
+    # for clusters that autoscale.
+    controller_failure_limit: int = Field(2, ge=-1)
+    checkpoints_to_keep: int = Field(2, ge=1)  # the best k by the stage's `metric`
     storage_path: str = "runs/ray"  # local directory (relative to the repo) or s3://bucket/prefix
 
 
@@ -331,6 +379,18 @@ with warnings.catch_warnings():
                     f"@ray.data_cpus_per_worker: must be less than ray.cpus_per_worker "
                     f"({self.ray.cpus_per_worker}) with a ray_data loader, got {self.ray.data_cpus_per_worker}"
                 )
+            return self
+
+        @model_validator(mode="after")
+        def _batch_covers_every_worker(self):
+            for stage in ("pretrain", "finetune"):
+                optim = getattr(self, stage)
+                smallest = self.ray.num_workers * optim.accumulate_steps
+                if optim.batch_size < smallest:
+                    raise ValueError(
+                        f"@{stage}.batch_size: must be at least ray.num_workers × {stage}.accumulate_steps "
+                        f"({smallest}): every worker needs an image per micro-batch, got {optim.batch_size}"
+                    )
             return self
 
         def dataset(self, name: str) -> DatasetConfig:

@@ -10,10 +10,13 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import hashlib
+import logging
 import math
 import os
 import shutil
 import tempfile
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -22,19 +25,39 @@ import numpy as np
 import ray
 import ray.train
 import torch
-from ray.train import Checkpoint, CheckpointConfig, DataConfig, RunConfig, ScalingConfig
+from ray.train import Checkpoint, CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
 from resnet.config import AugmentConfig, FinetuneConfig, PretrainConfig, RayConfig
 from resnet.data.loading import PreparedData, load_prepared
 from resnet.data.prepare import join_location, read_manifest, read_shard, split_files
+from resnet.data.s3 import is_s3_uri, split_s3_uri
 from resnet.engine import TrainState, fit, load_model_file, save_model_file
 from resnet.finetune import apply_strategy, replace_head
 from resnet.io import atomic_path
 from resnet.models import build_model
 
-STATE_FILE = "state.pt"  # full training state, to resume
+# Progress lines from rank 0. Through a logger, not print: Ray Train tees a worker's prints to its log and its
+# stdout, and the driver would show each line twice.
+log = logging.getLogger(__name__)
+
+STATE_FILE = "state.pt"  # full training state, to resume (rank 0 writes it)
+RNG_FILE = "rng-rank{rank}.pt"  # each rank's global RNG states
 MODEL_FILE = "model.pt"  # weights + meta, what the stages hand on
+
+# Forwarded from the driver to every Ray worker of the job (when set), so that workers reach the same S3
+# endpoint with the same credentials as the driver: on a cluster whose raylets were started elsewhere they
+# would otherwise see none. On a shared cluster prefer node roles (IAM, IRSA): runtime_env is visible in the
+# dashboard.
+FORWARDED_ENV = (
+    "AWS_ACCESS_KEY_ID",
+    "AWS_SECRET_ACCESS_KEY",
+    "AWS_SESSION_TOKEN",
+    "AWS_ENDPOINT_URL",
+    "AWS_ENDPOINT_URL_S3",
+    "AWS_REGION",
+    "AWS_DEFAULT_REGION",
+)
 
 
 def init_ray(cfg: RayConfig) -> None:
@@ -45,18 +68,61 @@ def init_ray(cfg: RayConfig) -> None:
     """
     if ray.is_initialized():
         return
+    env = {name: os.environ[name] for name in FORWARDED_ENV if os.environ.get(name)}
     address = cfg.address or os.environ.get("RAY_ADDRESS")
+    if address and "://" not in address:
+        # Ray Train's placement-group cleaner finds its cluster through RAY_ADDRESS (else by scanning the
+        # machine, which fails where several Ray clusters run, as on a test machine).
+        env["RAY_ADDRESS"] = address
+    runtime_env = {"env_vars": env} if env else None
     if address:
-        ray.init(address=address, log_to_driver=True)
+        ray.init(address=address, log_to_driver=True, runtime_env=runtime_env)
     else:
-        ray.init(include_dashboard=True, dashboard_host="127.0.0.1")
+        ray.init(include_dashboard=True, dashboard_host="127.0.0.1", runtime_env=runtime_env)
 
 
-def storage_path(cfg: RayConfig, root: str | Path = ".") -> str:
-    """Ray wants an absolute path or a URI; a relative one is taken from the repository root."""
+@dataclass(frozen=True)
+class Storage:
+    """Where Ray keeps a run's checkpoints and results: `path` on `filesystem` (None: Ray infers it)."""
+
+    path: str
+    filesystem: Any = None  # a pyarrow.fs.FileSystem
+
+    def run_config_kwargs(self) -> dict[str, Any]:
+        return {"storage_path": self.path, "storage_filesystem": self.filesystem}
+
+
+def storage_path(cfg: RayConfig, root: str | Path = ".") -> Storage:
+    """`ray.storage_path` for Ray: a local path is made absolute (relative ones from the repository root);
+    an `s3://` one with an endpoint in the environment (AWS_ENDPOINT_URL_S3 or AWS_ENDPOINT_URL: SeaweedFS,
+    MinIO) gets a pyarrow S3 filesystem pointed at it, because pyarrow ignores those variables. Credentials
+    are left to pyarrow's usual chain in each process (environment, config files, instance role)."""
+    if is_s3_uri(cfg.storage_path):
+        endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+        if not endpoint:
+            return Storage(cfg.storage_path)  # AWS itself: Ray resolves s3:// through pyarrow
+        import pyarrow.fs
+
+        bucket, prefix = split_s3_uri(cfg.storage_path)
+        region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1"
+        filesystem = pyarrow.fs.S3FileSystem(endpoint_override=endpoint, region=region)
+        return Storage(f"{bucket}/{prefix}".rstrip("/"), filesystem)
     if "://" in cfg.storage_path:
-        return cfg.storage_path
-    return str((Path(root) / cfg.storage_path).resolve())
+        return Storage(cfg.storage_path)  # gs://, abfss://, ...: pyarrow's own
+    return Storage(str((Path(root) / cfg.storage_path).resolve()))
+
+
+def run_fingerprint(*parts: Any) -> str:
+    """A short hash of what determines a training run (config, data hash, the code's sources), used as its Ray
+    run name: running a stage again after it was stopped finds the same name and resumes that run."""
+    digest = hashlib.sha256()
+    for part in parts:
+        digest.update(repr(part).encode())
+    code = Path(__file__).resolve().parent
+    for source in sorted(code.rglob("*.py")):
+        digest.update(str(source.relative_to(code)).encode())
+        digest.update(source.read_bytes())
+    return digest.hexdigest()[:12]
 
 
 @dataclass(frozen=True)
@@ -71,6 +137,7 @@ class TrainJob:
     threads_per_worker: int = 1
     mlflow_run: Any = None  # tracking.RunHandle or None
     meta: dict[str, Any] = field(default_factory=dict)  # extra metadata to store in model files
+    stage: str = "pretrain"  # the name progress lines start with
 
     def to_config(self) -> dict[str, Any]:
         return dataclasses.asdict(self) | {"mlflow_run": self.mlflow_run}
@@ -136,12 +203,65 @@ def build_job_model(job: TrainJob, num_classes: int) -> tuple[torch.nn.Module, s
     """(model, model name, freeze BN) for the job: a fresh model to pretrain, or a loaded one to fine-tune."""
     if job.kind == "pretrain":
         optim = PretrainConfig(**job.optim)
-        model = build_model(optim.model, num_classes, zero_init_residual=optim.zero_init_residual)
+        model = build_model(
+            optim.model, num_classes, zero_init_residual=optim.zero_init_residual, dropout=optim.dropout
+        )
         return model, optim.model, False
     optim = FinetuneConfig(**job.optim)
     model, meta = load_model_file(job.init_from)
     replace_head(model, num_classes)
+    model.dropout.p = optim.dropout
     return model, meta["model_name"], apply_strategy(model, optim.strategy)
+
+
+def load_train_state(directory: str | Path, rank: int) -> TrainState:
+    """A checkpoint's training state, with this rank's RNG states if it saved them (a run resumed with more
+    workers than it had starts the new ranks' generators from the seed)."""
+    directory = Path(directory)
+    blob = torch.load(directory / STATE_FILE, map_location="cpu", weights_only=True)
+    rng_file = directory / RNG_FILE.format(rank=rank)
+    if rng_file.is_file():
+        blob["rng"] = torch.load(rng_file, map_location="cpu", weights_only=True)
+    return TrainState(**blob)
+
+
+def write_checkpoint(directory: Path, state: TrainState, rank: int, model_meta: dict[str, Any]) -> None:
+    """This rank's part of an epoch's checkpoint; Ray Train merges the ranks' directories into one."""
+    torch.save(state.rng, directory / RNG_FILE.format(rank=rank))
+    if rank == 0:  # the rest is identical on every rank (DDP keeps the weights in sync): one copy
+        torch.save(dataclasses.asdict(state) | {"rng": None}, directory / STATE_FILE)
+        weights = state.ema["module"] if state.ema is not None else state.model
+        save_model_file(directory / MODEL_FILE, weights, model_meta)
+
+
+def replica_fingerprints(model: torch.nn.Module) -> list[dict[str, Any]]:
+    """Every rank's node and a hash of its parameters, gathered on all ranks. DDP must leave the replicas
+    bit-identical; a difference means the ranks silently trained different models."""
+    import torch.distributed as dist
+
+    digest = hashlib.sha256()
+    for tensor in model.parameters():
+        digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    context = ray.train.get_context()
+    mine = {
+        "rank": context.get_world_rank(),
+        "node_id": ray.get_runtime_context().get_node_id(),
+        "params_sha256": digest.hexdigest(),
+    }
+    if not (dist.is_available() and dist.is_initialized()):
+        return [mine]
+    gathered: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, mine)
+    return gathered
+
+
+def progress_line(stage: str, total_epochs: int, metrics: dict[str, float]) -> str:
+    return (
+        f"{stage} epoch {int(metrics['epoch'])}/{total_epochs}: "
+        f"train loss {metrics['train_loss']:.4f} acc {metrics['train_acc']:.4f} | "
+        f"val loss {metrics['val_loss']:.4f} acc {metrics['val_acc']:.4f} | lr {metrics['lr']:.3g} | "
+        f"{metrics['images_per_sec']:.0f} img/s | {metrics['epoch_seconds']:.1f} s"
+    )
 
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:
@@ -177,32 +297,42 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     }
 
     resume = None
+    start_epoch = 0
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:  # a restarted worker group, or a resumed run: continue after the last epoch
         with checkpoint.as_directory() as directory:
-            blob = torch.load(Path(directory) / STATE_FILE, map_location="cpu", weights_only=True)
-        resume = TrainState(**blob)
+            resume = load_train_state(directory, rank)
+        start_epoch = resume.epoch
+        if rank == 0:
+            log.info("%s: resuming after epoch %d from %s", job.stage, start_epoch, checkpoint.path)
+            if job.mlflow_run is not None:
+                job.mlflow_run.log_metrics({"resumed_from_epoch": start_epoch}, step=start_epoch)
 
     def report(metrics: dict[str, float], state: TrainState) -> None:
-        if rank == 0 and job.mlflow_run is not None:
-            job.mlflow_run.log_metrics(
-                {k: v for k, v in metrics.items() if k != "epoch"}, step=int(metrics["epoch"])
+        metrics = metrics | {"start_epoch": start_epoch}
+        replicas = replica_fingerprints(model)
+        if len({r["params_sha256"] for r in replicas}) > 1:
+            warnings.warn(
+                f"DDP replicas differ after epoch {int(metrics['epoch'])}: {replicas}", stacklevel=1
             )
+        if rank == 0:
+            log.info(progress_line(job.stage, optim.epochs, metrics))
+            if job.mlflow_run is not None:
+                job.mlflow_run.log_metrics(
+                    {k: v for k, v in metrics.items() if k not in ("epoch", "start_epoch")},
+                    step=int(metrics["epoch"]),
+                )
         with tempfile.TemporaryDirectory() as directory:
-            checkpoint = None
-            if rank == 0:  # one copy of the (DDP-synchronised) weights is enough
-                torch.save(dataclasses.asdict(state), Path(directory) / STATE_FILE)
-                save_model_file(Path(directory) / MODEL_FILE, model, meta | {"metrics": metrics})
-                checkpoint = Checkpoint.from_directory(directory)
-            ray.train.report(metrics, checkpoint=checkpoint)
+            model_meta = meta | {"metrics": metrics, "replicas": replicas}
+            write_checkpoint(Path(directory), state, rank, model_meta)
+            ray.train.report(metrics, checkpoint=Checkpoint.from_directory(directory))
 
-    device = ray.train.torch.get_device()
     fit(
         model,
         data,
         optim,
         augment,
-        device=device,
+        device=ray.train.torch.get_device(),
         rank=rank,
         world_size=world_size,
         freeze_bn=freeze_bn,
@@ -214,8 +344,13 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 def scaling_config(cfg: RayConfig, cpus_per_worker: float | None = None) -> ScalingConfig:
     resources = {"CPU": cpus_per_worker if cpus_per_worker is not None else cfg.cpus_per_worker}
     if cfg.use_gpu:
-        resources["GPU"] = 1
-    return ScalingConfig(num_workers=cfg.num_workers, use_gpu=cfg.use_gpu, resources_per_worker=resources)
+        resources["GPU"] = cfg.gpus_per_worker
+    return ScalingConfig(
+        num_workers=cfg.num_workers,
+        use_gpu=cfg.use_gpu,
+        resources_per_worker=resources,
+        placement_strategy=cfg.placement_strategy,
+    )
 
 
 def make_trainer(
@@ -223,13 +358,15 @@ def make_trainer(
     cfg: RayConfig,
     *,
     name: str,
-    storage: str,
+    storage: Storage,
     metric: str = "val_acc",
     mode: str = "max",
     cpus_per_worker: float | None = None,
     callbacks: list | None = None,
 ) -> TorchTrainer:
-    """A TorchTrainer for `job`, keeping only the best checkpoint by `metric`."""
+    """A TorchTrainer for `job` that keeps the best `ray.checkpoints_to_keep` checkpoints by `metric` and
+    restarts its workers from the last one up to `ray.max_failures` times. A trainer with the name of an
+    unfinished run under the same storage resumes that run."""
     streaming = job.optim.get("loader") == "ray_data"
     worker_cpus = cpus_per_worker if cpus_per_worker is not None else cfg.cpus_per_worker
     if streaming:
@@ -249,9 +386,14 @@ def make_trainer(
         scaling_config=scaling_config(cfg, worker_cpus),
         run_config=RunConfig(
             name=name,
-            storage_path=storage,
+            **storage.run_config_kwargs(),
             checkpoint_config=CheckpointConfig(
-                num_to_keep=1, checkpoint_score_attribute=metric, checkpoint_score_order=mode
+                num_to_keep=cfg.checkpoints_to_keep,
+                checkpoint_score_attribute=metric,
+                checkpoint_score_order=mode,
+            ),
+            failure_config=FailureConfig(
+                max_failures=cfg.max_failures, controller_failure_limit=cfg.controller_failure_limit
             ),
             callbacks=callbacks,
         ),

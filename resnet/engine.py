@@ -1,20 +1,27 @@
-"""The training loop, plain PyTorch: optimiser, schedule, one epoch of training, evaluation, model files.
+"""The training loop, plain PyTorch: the recipe (optimiser, schedule, precision, accumulation, clipping, EMA,
+early stopping, seeding), one epoch of training, evaluation, resumable state, model files.
 
-No Ray and no MLflow here, so the same step runs on a GPU box that has only torch, in a plain single-process
-baseline, and inside a Ray Train worker (which only adds the process group and a report callback). Under
+No Ray and no MLflow here (only torch and our data modules), so the same step runs on a GPU box without Ray,
+in a plain single-process baseline, and inside a Ray Train worker (which only adds the process group and a
+report callback). Under
 `torch.distributed` every metric is summed over ranks before it is returned, so rank 0's numbers describe the
 whole dataset, not its own shard.
 """
 
 from __future__ import annotations
 
+import contextlib
+import copy
 import math
+import os
+import random
 import time
-from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import torch.distributed as dist
 from torch import nn
@@ -25,25 +32,46 @@ from resnet.io import atomic_path
 from resnet.models import build_model
 
 
-@dataclass
 class EpochStats:
-    loss_sum: float = 0.0
-    correct: int = 0
-    count: int = 0
+    """Loss and accuracy sums over an epoch. Per-step values stay on the device and are summed once at the
+    end: reading a GPU scalar every step (`float(loss)`) would make the host wait for the GPU each step."""
+
+    def __init__(self) -> None:
+        self.count = 0
+        self._loss_sum, self._correct = 0.0, 0
+        self._pending: list[torch.Tensor] = []  # per step: (loss × images, correct), on the device
 
     def add(self, loss: torch.Tensor, logits: torch.Tensor, targets: torch.Tensor) -> None:
         """`targets`: class indices, or (mixup/cutmix) class probabilities, counted by their largest class."""
         labels = hard_labels(targets)
-        self.loss_sum += float(loss) * len(labels)
-        self.correct += int((logits.argmax(1) == labels).sum())
+        correct = (logits.argmax(1) == labels).sum()
+        self._pending.append(torch.stack([loss.detach().double() * len(labels), correct.double()]))
         self.count += len(labels)
+
+    def _flush(self) -> None:
+        if self._pending:
+            totals = torch.stack(self._pending).sum(0).cpu()
+            self._loss_sum += float(totals[0])
+            self._correct += int(totals[1])
+            self._pending.clear()
+
+    @property
+    def loss_sum(self) -> float:
+        self._flush()
+        return self._loss_sum
+
+    @property
+    def correct(self) -> int:
+        self._flush()
+        return self._correct
 
     def all_reduce(self) -> EpochStats:
         """Sum over all ranks (a no-op outside torch.distributed)."""
+        self._flush()
         if dist.is_available() and dist.is_initialized():
-            totals = torch.tensor([self.loss_sum, self.correct, self.count], dtype=torch.float64)
+            totals = torch.tensor([self._loss_sum, self._correct, self.count], dtype=torch.float64)
             dist.all_reduce(totals)
-            self.loss_sum, self.correct, self.count = float(totals[0]), int(totals[1]), int(totals[2])
+            self._loss_sum, self._correct, self.count = float(totals[0]), int(totals[1]), int(totals[2])
         return self
 
     @property
@@ -69,12 +97,12 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
 
 
 def build_optimizer(model: nn.Module, optim) -> torch.optim.Optimizer:
-    """SGD with momentum from an `OptimizerConfig` (lr, momentum, nesterov, weight_decay)."""
+    """SGD (momentum, optionally Nesterov) or AdamW from an `OptimizerConfig`, with `param_groups`."""
+    groups = param_groups(model, optim.weight_decay)
+    if optim.optimizer == "adamw":
+        return torch.optim.AdamW(groups, lr=optim.lr, betas=tuple(optim.betas))
     return torch.optim.SGD(
-        param_groups(model, optim.weight_decay),
-        lr=optim.lr,
-        momentum=optim.momentum,
-        nesterov=optim.nesterov and optim.momentum > 0,
+        groups, lr=optim.lr, momentum=optim.momentum, nesterov=optim.nesterov and optim.momentum > 0
     )
 
 
@@ -90,10 +118,157 @@ def warmup_cosine(total_steps: int, warmup_steps: int) -> Callable[[int], float]
     return factor
 
 
+def warmup_step(warmup_steps: int, step_size: int, gamma: float) -> Callable[[int], float]:
+    """Linear warmup, then × `gamma` every `step_size` steps (torchvision's StepLR after its warmup)."""
+
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / warmup_steps
+        return gamma ** ((step - warmup_steps) // step_size)
+
+    return factor
+
+
+def warmup_constant(warmup_steps: int) -> Callable[[int], float]:
+    return lambda step: (step + 1) / warmup_steps if step < warmup_steps else 1.0
+
+
 def build_scheduler(optimizer: torch.optim.Optimizer, optim, steps_per_epoch: int):
-    return torch.optim.lr_scheduler.LambdaLR(
-        optimizer, warmup_cosine(optim.epochs * steps_per_epoch, optim.warmup_epochs * steps_per_epoch)
+    """The LR schedule, stepped once per optimiser step. Every schedule multiplies each group's own LR, so
+    groups with different LRs (layer-wise decay) keep their ratios."""
+    total, warmup = optim.epochs * steps_per_epoch, optim.warmup_epochs * steps_per_epoch
+    if optim.schedule == "onecycle":
+        # Momentum stays what the config says (cycle_momentum=False): one knob, one meaning.
+        return torch.optim.lr_scheduler.OneCycleLR(
+            optimizer,
+            max_lr=[group["lr"] for group in optimizer.param_groups],
+            total_steps=total,
+            pct_start=warmup / total if warmup else 0.3,
+            cycle_momentum=False,
+        )
+    if optim.schedule == "step":
+        factor = warmup_step(warmup, optim.lr_step_epochs * steps_per_epoch, optim.lr_step_gamma)
+    elif optim.schedule == "constant":
+        factor = warmup_constant(warmup)
+    else:
+        factor = warmup_cosine(total, warmup)
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+class ModelEma:
+    """An exponential moving average of a model's weights and BN statistics (timm's ModelEmaV3, TF's
+    ExponentialMovingAverage): `decay` is ramped up as min(decay, (1 + n) / (10 + n)) over the first updates,
+    so that on a short run the average is not dominated by the random initial weights."""
+
+    def __init__(self, model: nn.Module, decay: float):
+        self.module = copy.deepcopy(model).eval().requires_grad_(False)
+        self.decay, self.updates = decay, 0
+
+    @torch.no_grad()
+    def update(self, model: nn.Module) -> None:
+        self.updates += 1
+        decay = min(self.decay, (1 + self.updates) / (10 + self.updates))
+        averaged, live = [], []
+        for ema_value, value in zip(
+            self.module.state_dict().values(), model.state_dict().values(), strict=True
+        ):
+            if ema_value.is_floating_point():
+                averaged.append(ema_value)
+                live.append(value)
+            else:  # BN's num_batches_tracked: a counter, not a weight
+                ema_value.copy_(value)
+        torch._foreach_lerp_(averaged, live, 1.0 - decay)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"module": self.module.state_dict(), "updates": self.updates}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.module.load_state_dict(state["module"])
+        self.updates = state["updates"]
+
+
+@dataclass
+class EarlyStopping:
+    """Stop when `metric` has not improved by more than `min_delta` for `patience` epochs (0: never)."""
+
+    patience: int
+    mode: str  # "max" or "min"
+    min_delta: float = 0.0
+    best: float | None = None
+    epochs_without_improvement: int = 0
+
+    def step(self, value: float) -> bool:
+        """Record one epoch's value; True when training should stop."""
+        if self.best is None:
+            improved = True
+        else:
+            gain = value - self.best if self.mode == "max" else self.best - value
+            improved = gain > self.min_delta
+        if improved:
+            self.best, self.epochs_without_improvement = value, 0
+        else:
+            self.epochs_without_improvement += 1
+        return self.patience > 0 and self.epochs_without_improvement >= self.patience
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"best": self.best, "epochs_without_improvement": self.epochs_without_improvement}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.best, self.epochs_without_improvement = state["best"], state["epochs_without_improvement"]
+
+
+AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def autocast(device: torch.device, precision: str):
+    """Mixed precision for the forward pass: bf16, or fp16 (which also needs a GradScaler); fp32: off."""
+    return torch.autocast(
+        device.type, dtype=AMP_DTYPES.get(precision, torch.bfloat16), enabled=precision != "fp32"
     )
+
+
+def rng_state() -> dict[str, Any]:
+    """This process's global RNG states (dropout and anything else drawing from the global generators),
+    as tensors and plain numbers, so that a checkpoint holding them loads with `weights_only=True`."""
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    state = {
+        "python": random.getstate(),
+        "numpy": {"keys": torch.from_numpy(keys.astype(np.int64)), "pos": pos, "gauss": (has_gauss, cached)},
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    random.setstate(_as_tuples(state["python"]))
+    numpy = state["numpy"]
+    np.random.set_state(("MT19937", numpy["keys"].numpy().astype(np.uint32), numpy["pos"], *numpy["gauss"]))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _as_tuples(value):
+    # random.setstate insists on tuples; a checkpoint round trip may hand back lists.
+    return tuple(_as_tuples(v) for v in value) if isinstance(value, list | tuple) else value
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python's, NumPy's and torch's global generators (every device)."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def set_determinism(deterministic: bool) -> None:
+    """Deterministic kernels, or cuDNN autotuning (the fastest kernels for fixed shapes, chosen per run)."""
+    if deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # cuBLAS needs it to be deterministic
+    torch.use_deterministic_algorithms(deterministic)
+    torch.backends.cudnn.benchmark = not deterministic
+    torch.backends.cudnn.deterministic = deterministic
 
 
 def set_train_mode(model: nn.Module, freeze_bn: bool) -> None:
@@ -105,34 +280,96 @@ def set_train_mode(model: nn.Module, freeze_bn: bool) -> None:
                 module.eval()
 
 
+def _mark_last(items: Iterable[Any]) -> Iterator[tuple[Any, bool]]:
+    """(item, is_last) pairs: the step loop must know a micro-batch ends the epoch before running it."""
+    iterator = iter(items)
+    try:
+        current = next(iterator)
+    except StopIteration:
+        return
+    for following in iterator:
+        yield current, False
+        current = following
+    yield current, True
+
+
+@dataclass
+class Stepper:
+    """Everything that turns losses into weight updates: the optimiser and its schedule, the fp16 gradient
+    scaler, gradient accumulation and clipping, and the EMA that follows each update."""
+
+    model: nn.Module  # the unwrapped model (its parameters, and what the EMA follows)
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    scaler: torch.amp.GradScaler
+    accumulate_steps: int = 1
+    grad_clip_norm: float = 0.0
+    ema: ModelEma | None = None
+    grad_norms: list[float] = field(default_factory=list)  # before clipping, one per update (when clipping)
+
+    def backward(self, loss: torch.Tensor) -> None:
+        # Each micro-batch carries 1/accumulate_steps of the update; a short last group is rescaled in step().
+        self.scaler.scale(loss / self.accumulate_steps).backward()
+
+    def step(self, micro_batches: int) -> None:
+        """One optimiser update from the gradients of the last `micro_batches` micro-batches."""
+        if micro_batches != self.accumulate_steps:
+            for param in self.model.parameters():
+                if param.grad is not None:
+                    param.grad.mul_(self.accumulate_steps / micro_batches)
+        if self.grad_clip_norm > 0:
+            self.scaler.unscale_(self.optimizer)  # clip the true gradient, not the fp16-scaled one
+            norm = float(nn.utils.clip_grad_norm_(self.model.parameters(), self.grad_clip_norm))
+            if math.isfinite(norm):  # an fp16 overflow: the scaler skips this step
+                self.grad_norms.append(norm)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scheduler.step()
+        if self.ema is not None:
+            self.ema.update(self.model)
+
+
 def train_epoch(
-    model: nn.Module,
+    net: nn.Module,
     batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
-    optimizer: torch.optim.Optimizer,
-    scheduler,
+    stepper: Stepper,
     normalize: Normalize,
     augment: BatchAugment,
     *,
-    label_smoothing: float,
+    label_smoothing: float = 0.0,
     device: torch.device,
     generator: torch.Generator,
+    precision: str = "fp32",
+    channels_last: bool = False,
     freeze_bn: bool = False,
 ) -> EpochStats:
-    """One pass over `batches` of uint8 images: augment on the CPU, normalise, step. Metrics over all ranks."""
-    set_train_mode(model, freeze_bn)
+    """One pass over `batches` of uint8 images: augment on the CPU, normalise on the device, forward in
+    `precision`, and an optimiser update every `stepper.accumulate_steps` micro-batches (and at the end).
+    Under DDP the gradient all-reduce runs only on the micro-batch that completes an update. Metrics are
+    summed over all ranks."""
+    set_train_mode(net, freeze_bn)
+    memory_format = torch.channels_last if channels_last else torch.contiguous_format
     stats = EpochStats()
-    for images, labels in batches:
+    in_group = 0
+    for (images, labels), last in _mark_last(batches):
         images, targets = augment(images, labels, generator)
-        images, targets = (
-            normalize(images.to(device, non_blocking=True)),
-            targets.to(device, non_blocking=True),
-        )
-        logits = model(images)
-        loss = loss_fn(logits, targets, label_smoothing)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        scheduler.step()
+        images = normalize(images.to(device, non_blocking=True)).contiguous(memory_format=memory_format)
+        targets = targets.to(device, non_blocking=True)
+        in_group += 1
+        updates = in_group == stepper.accumulate_steps or last
+        sync = contextlib.nullcontext()
+        ddp = getattr(net, "_orig_mod", net)  # torch.compile wraps the DDP module
+        if not updates and isinstance(ddp, nn.parallel.DistributedDataParallel):
+            sync = ddp.no_sync()  # gradients accumulate locally; the update's micro-batch all-reduces them
+        with sync:
+            with autocast(device, precision):
+                logits = net(images)
+            loss = loss_fn(logits.float(), targets, label_smoothing)
+            stepper.backward(loss)
+        if updates:
+            stepper.step(in_group)
+            in_group = 0
         stats.add(loss.detach(), logits.detach(), targets)
     return stats.all_reduce()
 
@@ -145,13 +382,18 @@ def evaluate(
     *,
     device: torch.device,
     confusion: torch.Tensor | None = None,
+    precision: str = "fp32",
+    channels_last: bool = False,
 ) -> EpochStats:
     """Loss and accuracy over all ranks' shards; fills `confusion[true, predicted]` if given (this rank only)."""
     model.eval()
+    memory_format = torch.channels_last if channels_last else torch.contiguous_format
     stats = EpochStats()
     for images, labels in batches:
-        images, labels = normalize(images.to(device)), labels.to(device)
-        logits = model(images)
+        images = normalize(images.to(device)).contiguous(memory_format=memory_format)
+        labels = labels.to(device)
+        with autocast(device, precision):
+            logits = model(images).float()
         stats.add(nn.functional.cross_entropy(logits, labels), logits, labels)
         if confusion is not None:
             pairs = labels.cpu() * confusion.shape[1] + logits.argmax(1).cpu()
@@ -161,12 +403,18 @@ def evaluate(
 
 @dataclass
 class TrainState:
-    """Everything needed to continue a run after the last finished epoch."""
+    """Everything needed to continue a run after the last finished epoch. `rng` is this rank's global RNG
+    states; the rest is the same on every rank."""
 
     epoch: int  # the next epoch to run
-    model: dict
+    model: dict  # the live weights (with EMA on, `ema` holds the averaged ones)
     optimizer: dict
     scheduler: dict
+    scaler: dict | None = None
+    ema: dict | None = None
+    early_stopping: dict | None = None
+    rng: dict | None = None
+    stopped: bool = False  # early stopping ended the run after `epoch` epochs
 
 
 def fit(
@@ -186,45 +434,87 @@ def fit(
 
     `data` is a `loading.PreparedData` (in memory) or anything with the same `train_steps`, `train_epoch`,
     `val_batches`, `mean`, `std` and `num_classes` (Ray Data's streaming shards). `optim` is an
-    `OptimizerConfig`, `augment` an `AugmentConfig` or a ready `BatchAugment`. Under torch.distributed the model
-    is wrapped in DDP here and each rank trains on its shard with `optim.batch_size // world_size` images per
-    step. After each epoch `on_epoch_end(metrics, state)` is called on every rank (metrics are global); `state`
-    holds the live tensors, so save or copy it there rather than keep it. Returns the unwrapped model.
+    `OptimizerConfig` (the whole recipe), `augment` an `AugmentConfig` or a ready `BatchAugment`. Under
+    torch.distributed the model is wrapped in DDP here; each rank trains on its shard in micro-batches of
+    `batch_size // (world_size * accumulate_steps)` images. After each epoch `on_epoch_end(metrics, state)` is
+    called on every rank (metrics are global, so every rank takes the same early-stopping decision); `state`
+    holds the live tensors, so save or copy it there rather than keep it. Returns the trained model: the
+    EMA of the weights when `optim.ema_decay` > 0, else `model` itself (unwrapped).
     """
-    model.to(device)
+    micro_batch = optim.batch_size // (world_size * optim.accumulate_steps)
+    if micro_batch < 1:
+        raise ValueError(
+            f"batch_size {optim.batch_size} is smaller than world_size × accumulate_steps "
+            f"({world_size} × {optim.accumulate_steps})"
+        )
+    set_determinism(optim.deterministic)
+    memory_format = torch.channels_last if optim.channels_last else torch.contiguous_format
+    model.to(device, memory_format=memory_format)
+    ema = ModelEma(model, optim.ema_decay) if optim.ema_decay > 0 else None
     net = nn.parallel.DistributedDataParallel(model) if world_size > 1 else model
-    per_rank_batch = max(1, optim.batch_size // world_size)
-    steps_per_epoch = data.train_steps(per_rank_batch, world_size)
+    if optim.compile:
+        net = torch.compile(net)
+    micro_steps = data.train_steps(micro_batch, world_size)
     if not isinstance(augment, BatchAugment):
         augment = BatchAugment.from_config(augment, data.num_classes)
     optimizer = build_optimizer(model, optim)
-    scheduler = build_scheduler(optimizer, optim, steps_per_epoch)
+    stepper = Stepper(
+        model=model,
+        optimizer=optimizer,
+        scheduler=build_scheduler(optimizer, optim, math.ceil(micro_steps / optim.accumulate_steps)),
+        scaler=torch.amp.GradScaler(device.type, enabled=optim.precision == "fp16"),
+        accumulate_steps=optim.accumulate_steps,
+        grad_clip_norm=optim.grad_clip_norm,
+        ema=ema,
+    )
+    stopping = EarlyStopping(optim.early_stopping_patience, optim.mode, optim.early_stopping_min_delta)
+    # Global generators (dropout) differ per rank; shuffling and augmentation use their own seeded generators.
+    seed_everything(optim.seed * 1_000_003 + rank)
     start_epoch = 0
     if resume is not None:
         model.load_state_dict(resume.model)
         optimizer.load_state_dict(resume.optimizer)
-        scheduler.load_state_dict(resume.scheduler)
-        start_epoch = resume.epoch
+        stepper.scheduler.load_state_dict(resume.scheduler)
+        if resume.scaler:
+            stepper.scaler.load_state_dict(resume.scaler)
+        if ema is not None and resume.ema is not None:
+            ema.load_state_dict(resume.ema)
+        elif ema is not None:  # EMA switched on for a run saved without it: average from the resumed weights
+            ema = stepper.ema = ModelEma(model, optim.ema_decay)
+        if resume.early_stopping is not None:
+            stopping.load_state_dict(resume.early_stopping)
+        if resume.rng is not None:
+            set_rng_state(resume.rng)
+        start_epoch = optim.epochs if resume.stopped else resume.epoch
     normalize = Normalize(data.mean, data.std).to(device)
+    evaluated = ema.module if ema is not None else net
     for epoch in range(start_epoch, optim.epochs):
         # Augmentation randomness differs per rank and epoch but is reproducible from the seed.
         generator = torch.Generator().manual_seed(optim.seed * 100_003 + epoch * 1_009 + rank)
         started = time.perf_counter()
+        stepper.grad_norms.clear()
         train_stats = train_epoch(
             net,
-            data.train_epoch(per_rank_batch, epoch=epoch, seed=optim.seed, rank=rank, world_size=world_size),
-            optimizer,
-            scheduler,
+            data.train_epoch(micro_batch, epoch=epoch, seed=optim.seed, rank=rank, world_size=world_size),
+            stepper,
             normalize,
             augment,
             label_smoothing=optim.label_smoothing,
             device=device,
             generator=generator,
+            precision=optim.precision,
+            channels_last=optim.channels_last,
             freeze_bn=freeze_bn,
         )
         train_seconds = time.perf_counter() - started
+        val_batches = data.val_batches(256, rank=rank, world_size=world_size)
         val_stats = evaluate(
-            net, data.val_batches(256, rank=rank, world_size=world_size), normalize, device=device
+            evaluated,
+            val_batches,
+            normalize,
+            device=device,
+            precision=optim.precision,
+            channels_last=optim.channels_last,
         )
         metrics = {
             "epoch": epoch + 1,
@@ -232,24 +522,51 @@ def fit(
             "train_acc": train_stats.accuracy,
             "val_loss": val_stats.loss,
             "val_acc": val_stats.accuracy,
-            "lr": scheduler.get_last_lr()[0],
+            "lr": stepper.scheduler.get_last_lr()[0],
             "images_per_sec": train_stats.count / train_seconds,
             "epoch_seconds": time.perf_counter() - started,
         }
+        if stepper.grad_norms:
+            metrics["grad_norm"] = sum(stepper.grad_norms) / len(stepper.grad_norms)
+        if ema is not None:  # the live weights too, to see what averaging gains
+            live = evaluate(
+                net,
+                data.val_batches(256, rank=rank, world_size=world_size),
+                normalize,
+                device=device,
+                precision=optim.precision,
+                channels_last=optim.channels_last,
+            )
+            metrics |= {"live_val_loss": live.loss, "live_val_acc": live.accuracy}
+        stop = stopping.step(metrics[optim.metric])
         if on_epoch_end is not None:
-            state = TrainState(epoch + 1, model.state_dict(), optimizer.state_dict(), scheduler.state_dict())
+            state = TrainState(
+                epoch=epoch + 1,
+                model=model.state_dict(),
+                optimizer=optimizer.state_dict(),
+                scheduler=stepper.scheduler.state_dict(),
+                scaler=stepper.scaler.state_dict() if stepper.scaler.is_enabled() else None,
+                ema=ema.state_dict() if ema is not None else None,
+                early_stopping=stopping.state_dict(),
+                rng=rng_state(),
+                stopped=stop,
+            )
             on_epoch_end(metrics, state)
-    return model
+        if stop:
+            break
+    return ema.module if ema is not None else model
 
 
 # ---------------------------------------------------------------- model files
 
 
-def save_model_file(path: str | Path, model: nn.Module, meta: dict[str, Any]) -> None:
-    """Weights plus what is needed to rebuild and feed the model (name, classes, normalisation), written to a
-    temporary file and renamed, so a reader never sees half a file. Loadable with `weights_only=True`."""
+def save_model_file(path: str | Path, model: nn.Module | dict[str, Any], meta: dict[str, Any]) -> None:
+    """Weights (a model or its state dict) plus what is needed to rebuild and feed the model (name, classes,
+    normalisation), written to a temporary file and renamed, so a reader never sees half a file. Loadable
+    with `weights_only=True`."""
+    weights = model.state_dict() if isinstance(model, nn.Module) else model
     with atomic_path(path) as tmp:
-        torch.save({"meta": meta, "model": model.state_dict()}, tmp)
+        torch.save({"meta": meta, "model": weights}, tmp)
 
 
 def load_model_file(path: str | Path, map_location: str | torch.device = "cpu") -> tuple[nn.Module, dict]:

@@ -16,9 +16,10 @@ import ray.tune
 from ray import tune
 from ray.tune.integration.ray_train import CHECKPOINT_PATH_KEY, TuneReportCallback
 from ray.tune.schedulers import ASHAScheduler
+from ray.tune.search import BasicVariantGenerator
 
 from resnet.config import Config, FinetuneConfig
-from resnet.distributed import TrainJob, make_trainer
+from resnet.distributed import Storage, TrainJob, make_trainer
 from resnet.tracking import RunHandle, start_run
 
 TRIAL_CPU = 0.01  # Tune refuses 0; the trial function only waits on its trainer
@@ -64,7 +65,7 @@ class SweepJob:
     base: TrainJob
     finetune: dict[str, Any]
     ray_cfg: dict[str, Any]
-    storage: str
+    storage: Storage
     metric: str
     mode: str
     experiment: str
@@ -108,7 +109,9 @@ def run_trial(sampled: dict[str, Any], sweep: SweepJob) -> None:
     trainer.fit()
 
 
-def run_sweep(cfg: Config, base: TrainJob, *, storage: str, name: str, root: str, parent: RunHandle | None):
+def run_sweep(
+    cfg: Config, base: TrainJob, *, storage: Storage, name: str, root: str, parent: RunHandle | None
+):
     """Fit the sweep; returns the Tune `ResultGrid`."""
     sweep = SweepJob(
         base=base,
@@ -135,9 +138,12 @@ def run_sweep(cfg: Config, base: TrainJob, *, storage: str, name: str, root: str
             mode=cfg.tune.mode,
             num_samples=cfg.tune.num_samples,
             scheduler=scheduler,
-            max_concurrent_trials=max_concurrent_trials(cfg),
+            # Tune applies max_concurrent_trials only to a search algorithm it builds itself: give ours the limit.
+            search_alg=BasicVariantGenerator(
+                max_concurrent=max_concurrent_trials(cfg), random_state=cfg.tune.seed
+            ),
         ),
-        run_config=ray.tune.RunConfig(name=name, storage_path=storage),
+        run_config=ray.tune.RunConfig(name=name, **storage.run_config_kwargs()),
     )
     return tuner.fit()
 

@@ -133,11 +133,37 @@ def start_run(
     return RunHandle(tracking_uri, run.info.run_id)
 
 
-def start_stage_run(mlflow_cfg, stage: str, data_hash: str) -> RunHandle:
-    """The MLflow run of one pipeline stage (an `MlflowConfig` says where), tagged with the data it saw."""
+def find_unfinished_run(tracking_uri: str, experiment: str, tags: Mapping[str, str]) -> RunHandle | None:
+    """The newest run carrying all `tags` if it did not finish (failed, killed, or still marked running
+    because its process died), reopened as RUNNING; else None."""
+    client = MlflowClient(tracking_uri)
+    found = client.get_experiment_by_name(experiment)
+    if found is None:
+        return None
+    query = " and ".join(f"tags.`{key}` = '{value}'" for key, value in tags.items())
+    runs = client.search_runs(
+        [found.experiment_id], filter_string=query, order_by=["attributes.start_time DESC"], max_results=1
+    )
+    if not runs or runs[0].info.status == "FINISHED":
+        return None
+    client.update_run(runs[0].info.run_id, status="RUNNING")
+    return RunHandle(tracking_uri, runs[0].info.run_id)
+
+
+def start_stage_run(
+    mlflow_cfg, stage: str, data_hash: str, *, resume_tags: Mapping[str, str] | None = None
+) -> RunHandle:
+    """The MLflow run of one pipeline stage (an `MlflowConfig` says where), tagged with the data it saw. With
+    `resume_tags` (e.g. the Ray run name), an unfinished run carrying them is continued instead, so that a
+    resumed training run keeps one curve in one MLflow run."""
+    tracking_uri = resolve_tracking_uri(mlflow_cfg.tracking_uri)
+    if resume_tags:
+        previous = find_unfinished_run(tracking_uri, mlflow_cfg.experiment, resume_tags)
+        if previous is not None:
+            return previous
     return start_run(
-        resolve_tracking_uri(mlflow_cfg.tracking_uri),
+        tracking_uri,
         mlflow_cfg.experiment,
         stage,
-        tags={"pipeline.stage": stage, "data.content_hash": data_hash},
+        tags={"pipeline.stage": stage, "data.content_hash": data_hash, **(resume_tags or {})},
     )

