@@ -238,7 +238,8 @@ def write_checkpoint(directory: Path, state: TrainState, rank: int, model_meta: 
     """This rank's part of an epoch's checkpoint; Ray Train merges the ranks' directories into one."""
     torch.save(state.rng, directory / RNG_FILE.format(rank=rank))
     if rank == 0:  # the rest is identical on every rank (DDP keeps the weights in sync): one copy
-        torch.save(dataclasses.asdict(state) | {"rng": None}, directory / STATE_FILE)
+        # vars(), not dataclasses.asdict(): asdict deep-copies every tensor of the state first.
+        torch.save(vars(state) | {"rng": None}, directory / STATE_FILE)
         weights = state.ema["module"] if state.ema is not None else state.model
         save_model_file(directory / MODEL_FILE, weights, model_meta)
 

@@ -3,9 +3,8 @@ early stopping, seeding), one epoch of training, evaluation, resumable state, mo
 
 No Ray and no MLflow here (only torch and our data modules), so the same step runs on a GPU box without Ray,
 in a plain single-process baseline, and inside a Ray Train worker (which only adds the process group and a
-report callback). Under
-`torch.distributed` every metric is summed over ranks before it is returned, so rank 0's numbers describe the
-whole dataset, not its own shard.
+report callback). Under `torch.distributed` every metric is summed over ranks before it is returned, so rank
+0's numbers describe the whole dataset, not its own shard.
 """
 
 from __future__ import annotations
@@ -106,31 +105,25 @@ def build_optimizer(model: nn.Module, optim) -> torch.optim.Optimizer:
     )
 
 
+def with_warmup(warmup_steps: int, after: Callable[[int], float]) -> Callable[[int], float]:
+    """LR multiplier per optimiser step: linear warmup from ~0 to 1 over `warmup_steps`, then `after(steps
+    since the warmup)`."""
+    return lambda step: (step + 1) / warmup_steps if step < warmup_steps else after(step - warmup_steps)
+
+
 def warmup_cosine(total_steps: int, warmup_steps: int) -> Callable[[int], float]:
-    """LR multiplier per optimiser step: linear warmup from ~0 to 1, then cosine decay to 0 at `total_steps`."""
-
-    def factor(step: int) -> float:
-        if step < warmup_steps:
-            return (step + 1) / warmup_steps
-        progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
-        return 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
-
-    return factor
+    """Linear warmup, then cosine decay to 0 at `total_steps`."""
+    decay_steps = max(1, total_steps - warmup_steps)
+    return with_warmup(warmup_steps, lambda s: 0.5 * (1.0 + math.cos(math.pi * min(s / decay_steps, 1.0))))
 
 
 def warmup_step(warmup_steps: int, step_size: int, gamma: float) -> Callable[[int], float]:
     """Linear warmup, then × `gamma` every `step_size` steps (torchvision's StepLR after its warmup)."""
-
-    def factor(step: int) -> float:
-        if step < warmup_steps:
-            return (step + 1) / warmup_steps
-        return gamma ** ((step - warmup_steps) // step_size)
-
-    return factor
+    return with_warmup(warmup_steps, lambda s: gamma ** (s // step_size))
 
 
 def warmup_constant(warmup_steps: int) -> Callable[[int], float]:
-    return lambda step: (step + 1) / warmup_steps if step < warmup_steps else 1.0
+    return with_warmup(warmup_steps, lambda s: 1.0)
 
 
 def build_scheduler(optimizer: torch.optim.Optimizer, optim, steps_per_epoch: int):
