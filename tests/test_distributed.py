@@ -218,7 +218,7 @@ def test_checkpoints_land_in_s3_when_the_storage_path_is_s3(
     from resnet.data import s3
 
     _write_params(tmp_path / "params.yaml", "s3://ray/runs", 2)
-    env = _stage_env(ray_address, tmp_path) | {k: v for k, v in os.environ.items() if k.startswith("AWS_")}
+    env = _stage_env(ray_address, tmp_path)  # carries the s3_env fixture's AWS_* variables
     result = subprocess.run(
         _pretrain_command(tmp_path, prepared),
         cwd=repo_root,
