@@ -1,8 +1,9 @@
-"""Sweep fine-tuning configurations (finetune.* overridden by tune.search_space) with Ray Tune + ASHA.
+"""Sweep fine-tuning schedules (finetune.* and augment.* drawn from tune.search_space) with Ray Tune + ASHA.
 
-Each trial fine-tunes the pretrain checkpoint in its own TorchTrainer and is an MLflow child run of the sweep's
-run "tune". Outputs: models/tune/model.pt (the best epoch of the best trial), models/tune/best.json (its config
-and metrics), plots/sweep.csv (one row per trial), metrics/tune.json.
+Each trial fine-tunes the starting weights (finetune.pretrained: the pretrain stage's model by default) in its
+own TorchTrainer and is an MLflow child run of the sweep's run "tune". Running the stage again after it was
+stopped resumes the sweep. Outputs: models/tune/model.pt (the best epoch of the best trial), models/tune/best.json
+(its config, metrics and checkpoint), plots/sweep.csv (one row per trial), metrics/tune.json.
 """
 
 from __future__ import annotations
@@ -20,79 +21,129 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--data", default=None, help="prepared dataset (default: data/prepared/<finetune.dataset>)"
     )
     parser.add_argument(
-        "--pretrained", default="models/pretrain/model.pt", help="model to fine-tune (default: %(default)s)"
+        "--pretrained", default=None, help="the starting weights (default: finetune.pretrained in params)"
+    )
+    parser.add_argument(
+        "--pretrain-model",
+        default="models/pretrain/model.pt",
+        help="the model that `pretrained: pretrain` means (default: %(default)s)",
     )
     parser.add_argument("--out", default="models/tune", help="output directory (default: %(default)s)")
     parser.add_argument("--table", default="plots/sweep.csv", help="sweep table (default: %(default)s)")
     parser.add_argument("--metrics", default="metrics/tune.json", help="metrics file (default: %(default)s)")
+    parser.add_argument("--name", default=None, help="sweep name (default: tune-HASH of what decides it)")
 
 
 def run(args: argparse.Namespace) -> None:
     cfg = stage_config(args)
+    import ray
+    import torch
     from ray.train import Checkpoint
 
     from resnet.data.prepare import default_prepared_dir, read_manifest, resolve_location
-    from resnet.distributed import MODEL_FILE, TrainJob, copy_model_file, init_ray, storage_path
+    from resnet.distributed import (
+        MODEL_FILE,
+        TrainJob,
+        copy_model_file,
+        init_ray,
+        run_fingerprint,
+        storage_path,
+    )
     from resnet.errors import PipelineError
     from resnet.io import write_csv, write_json
-    from resnet.sweep import best_checkpoint_path, close_trial_runs, max_epochs, run_sweep, sweep_table
+    from resnet.pretrained import describe_source, load_pretrained
+    from resnet.sweep import best_checkpoint_path, close_trial_runs, run_sweep, sweep_summary, sweep_table
     from resnet.tracking import start_stage_run
 
     args.data = args.data or default_prepared_dir(cfg.finetune.dataset)
     manifest = read_manifest(args.data)
-    pretrained = Path(args.pretrained)
-    if not pretrained.is_file():
-        raise PipelineError(f"{pretrained}: no such model file; run the pretrain stage first")
+    source = args.pretrained or cfg.finetune.pretrained
+    torch.manual_seed(cfg.finetune.seed)  # the new head's initial weights, shared by every trial
+    start = load_pretrained(
+        source, len(manifest["classes"]), model=cfg.finetune.model, pretrain_path=args.pretrain_model
+    )
+    data_hash = manifest["content_hash"]
+    name = args.name or "tune-" + run_fingerprint(
+        cfg.finetune.model_dump(),
+        cfg.tune.model_dump(),
+        cfg.augment.model_dump(),
+        cfg.workers_per_trial,
+        cfg.ray.use_gpu,
+        data_hash,
+        start.digest,
+    )
     init_ray(cfg.ray)
-    parent = start_stage_run(cfg.mlflow, STAGE, manifest["content_hash"])
+    storage = storage_path(cfg.ray)
+    parent = start_stage_run(cfg.mlflow, STAGE, data_hash, resume_tags={"ray.run_name": name})
     with parent:
         parent.log_params(
             {"finetune": cfg.finetune.model_dump(), "tune": cfg.tune.model_dump(exclude={"search_space"})}
         )
         parent.log_params({f"search_space.{k}": v.model_dump() for k, v in cfg.tune.search_space.items()})
+        parent.set_tags({"pretrained.kind": describe_source(source), "pretrained.digest": start.digest})
         base = TrainJob(
             data_dir=resolve_location(args.data),
             optim={},
             augment=cfg.augment.model_dump(),
             kind="finetune",
-            init_from=str(pretrained.resolve()),
+            # Through the object store: every node's workers get the weights, not a path on this machine.
+            init_weights=ray.put({"model_name": start.model_name, "model": start.model.state_dict()}),
             threads_per_worker=max(1, int(cfg.ray.cpus_per_worker)),
             stage="finetune",
+            meta={"pretrained": source},
         )
-        storage = storage_path(cfg.ray)
-        results = run_sweep(
-            cfg,
-            base,
-            storage=storage,
-            name=f"tune-{parent.run_id[:12]}",
-            root=str(Path.cwd()),
-            parent=parent,
+        print(
+            f"{STAGE}: sweep {name} under {cfg.ray.storage_path}, from {source} ({start.model_name})",
+            flush=True,
+        )
+        results, resumed = run_sweep(
+            cfg, base, storage=storage, name=name, root=str(Path.cwd()), parent=parent
         )
         metric, mode = cfg.tune.metric, cfg.tune.mode
-        table = sweep_table(results, metric, mode, max_epochs(cfg))
+        table = sweep_table(results, cfg)
         close_trial_runs(parent, cfg.mlflow.experiment, table, metric)
         if all(row["error"] for row in table):
             raise PipelineError(f"tune: all {len(table)} trials failed; see the Ray logs above")
-        best, checkpoint_path = best_checkpoint_path(results, metric, mode)
+        best, checkpoint_path, best_epoch = best_checkpoint_path(results, metric, mode)
         meta = copy_model_file(
             Checkpoint(checkpoint_path, filesystem=storage.filesystem), Path(args.out) / MODEL_FILE
         )
-        best_config = cfg.finetune.model_dump() | best.config
-        write_json(Path(args.out) / "best.json", {"config": best_config, "metrics": meta["metrics"]})
-        write_csv(args.table, table)
-        summary = {
-            "trials": len(table),
-            "stopped_early": sum(row["stopped_early"] for row in table),
-            f"best_{metric}": meta["metrics"][metric],
+        best_row = next(row for row in table if row["trial_id"] == best_epoch["trial_id"])
+        record = {
+            "trial_id": best_row["trial_id"],
+            "mlflow_run_id": best_row.get("mlflow_run_id"),
+            "epoch": int(best_epoch["epoch"]),
+            "config": {
+                "finetune": meta_config(cfg.finetune.model_dump(), best.config, "finetune"),
+                "augment": meta_config(cfg.augment.model_dump(), best.config, "augment"),
+            },
+            "metrics": meta["metrics"],
+            "checkpoint": checkpoint_path,
+            "sweep": name,
         }
+        write_json(Path(args.out) / "best.json", record)
+        write_csv(args.table, table)
+        summary = sweep_summary(table, cfg) | {f"best_{metric}": meta["metrics"][metric], "resumed": resumed}
         write_json(args.metrics, summary)
-        parent.log_metrics(summary)
+        parent.log_metrics({k: v for k, v in summary.items() if not isinstance(v, bool)})
+        parent.set_tags({"tune.best_trial": best_row["trial_id"], "tune.resumed": resumed})
         parent.log_artifact(args.table)
-    stopped = summary["stopped_early"]
+        parent.log_artifact(Path(args.out) / "best.json")
     print(
-        f"tune: {len(table)} trials ({stopped} stopped early by ASHA); best {metric} {summary[f'best_{metric}']:.4f}"
+        f"{STAGE}: {summary['trials']} trials ({summary['stopped_early']} stopped early by ASHA, "
+        f"{summary['trial_epochs']}/{summary['budget_epochs']} trial-epochs); "
+        f"best {metric} {summary[f'best_{metric}']:.4f}"
     )
-    print(f"tune: best config {best.config} → {args.out}/{MODEL_FILE}")
+    print(
+        f"{STAGE}: best trial {best_row['trial_id']} epoch {record['epoch']}: {best.config} → {args.out}/{MODEL_FILE}"
+    )
+
+
+def meta_config(section: dict, sampled: dict, name: str) -> dict:
+    """A section of the best trial's config: the params' values with the sampled ones of that section."""
+    from resnet.config import searchable_section
+
+    return section | {k: v for k, v in (sampled or {}).items() if searchable_section(k) == name}
 
 
 def main(argv=None) -> int:

@@ -10,6 +10,8 @@ Imports only the standard library, pydantic and PyYAML, so any module may depend
 
 from __future__ import annotations
 
+import itertools
+import math
 import re
 import warnings
 from pathlib import Path
@@ -215,13 +217,71 @@ class PretrainConfig(OptimizerConfig):
 
 
 class FinetuneConfig(OptimizerConfig):
-    """One fine-tuning run from the pretrain checkpoint; the sweep overrides fields from `tune.search_space`."""
+    """One fine-tuning run: where the weights start, which layers train when and at what LR (the strategy),
+    and the recipe. The sweep overrides fields from `tune.search_space`.
+
+    The network is split top-down into groups: the head (`fc`, depth 0), the stages from the last to the
+    first (layer4 ... layer1, depth 1..n) and the stem (conv1/bn1, depth n+1). Strategies say from which epoch
+    each group trains; `lr_decay` gives a group at depth d the LR `lr × lr_decay^d`.
+    """
 
     dataset: str = "digits"  # a key of `datasets`: the target the sweep, evaluate and register use
-    strategy: Literal["full", "linear_probe"] = "full"
+    # pretrain (the pretrain stage's model) | none (random init: the from-scratch baseline) |
+    # torchvision:resnet50.IMAGENET1K_V2 (torch hub download) | a local file or directory | s3://bucket/key |
+    # an MLflow model URI (models:/NAME@ALIAS, models:/NAME/VERSION, runs:/RUN_ID/PATH). See resnet/pretrained.py.
+    pretrained: str = Field("pretrain", min_length=1)
+    model: str | None = (
+        None  # the architecture for `none`, and for a state dict (null: inferred from its keys)
+    )
+    # full: every group from the start | linear_probe: the head only (a frozen feature extractor) |
+    # lp_ft: the head for lp_epochs, then everything (Kumar et al. 2022) | gradual: the head for lp_epochs,
+    # then one more group every unfreeze_epochs, top-down (ULMFiT; the stem comes with the first stage).
+    strategy: Literal["full", "linear_probe", "lp_ft", "gradual"] = "full"
+    lp_epochs: int = Field(1, ge=0)  # lp_ft and gradual: head-only epochs first
+    unfreeze_epochs: int = Field(1, ge=1)  # gradual: epochs between unfreezing one more group
+    lr_decay: float = Field(1.0, gt=0, le=1)  # layer-wise LR decay: depth d trains at lr × lr_decay^d; 1: off
+    # BatchNorm keeps its pretrained running statistics (eval mode) and its scale and shift. Frozen groups'
+    # BN layers are always kept so: train-mode BN would drift the features of a "frozen" backbone.
+    freeze_bn: bool = False
+    # Each backbone group's LR rises linearly from 0 over this many epochs after it starts training (the head
+    # starts at full LR): a fresh head's large early gradients do not wreck the pretrained features.
+    backbone_warmup_epochs: int = Field(0, ge=0)
     epochs: int = Field(4, ge=1, le=10_000)
     lr: float = Field(0.02, gt=0, le=10)
     seed: int = Field(0, ge=0)
+
+    @field_validator("pretrained")
+    @classmethod
+    def _pretrained_syntax(cls, source: str) -> str:
+        from resnet.pretrained import validate_source_syntax  # torch-only; imported here to keep config light
+
+        validate_source_syntax(source)
+        return source
+
+    @field_validator("model")
+    @classmethod
+    def _known_model(cls, name: str | None) -> str | None:
+        return name if name is None else PretrainConfig._known_model(name)
+
+    @model_validator(mode="after")
+    def _strategy_fits_epochs(self):
+        if self.strategy == "lp_ft" and not 1 <= self.lp_epochs < self.epochs:
+            raise ValueError(
+                f"@lp_epochs: lp_ft needs 1 <= lp_epochs < epochs ({self.epochs}), got {self.lp_epochs}"
+            )
+        if self.strategy == "gradual" and self.lp_epochs >= self.epochs:
+            raise ValueError(
+                f"@lp_epochs: gradual needs lp_epochs < epochs ({self.epochs}), got {self.lp_epochs}"
+            )
+        if self.backbone_warmup_epochs and self.schedule == "onecycle":
+            raise ValueError(
+                "@backbone_warmup_epochs: needs schedule cosine, step or constant (onecycle has its own warmup)"
+            )
+        if self.pretrained == "none" and self.model is None:
+            raise ValueError(
+                "@model: required with pretrained: none (which architecture to start from scratch)"
+            )
+        return self
 
 
 # ---------------------------------------------------------------- sweep
@@ -263,6 +323,18 @@ class Choice(Section):
 
 
 DISTRIBUTIONS = ("loguniform", "uniform", "randint", "choice")
+MAX_CORNERS = 4096  # search-space corners validated together; beyond, each key's on its own
+
+
+def _corners(dist) -> list[Any]:
+    """The values a distribution can draw that are most likely to break a config: every choice, both ends."""
+    if dist.distribution == "choice":
+        return list(dist.values)
+    if dist.distribution == "randint":
+        return [dist.low, dist.high - 1]  # [low, high): Ray Tune's convention
+    return [dist.low, dist.high]
+
+
 Distribution = Annotated[LogUniform | Uniform | RandInt | Choice, Field(discriminator="distribution")]
 
 
@@ -271,14 +343,42 @@ class AshaConfig(Section):
 
     grace_period: int = Field(1, ge=1)
     reduction_factor: float = Field(2.0, gt=1)
+    # The epoch at which a trial has run to the end (ASHA's max_t); null: finetune.epochs, or the largest
+    # value search_space.epochs can draw.
+    max_epochs: int | None = Field(None, ge=1)
+
+    @model_validator(mode="after")
+    def _grace_within_max(self):
+        if self.max_epochs is not None and self.grace_period > self.max_epochs:
+            raise ValueError(
+                f"@grace_period: must be at most max_epochs ({self.max_epochs}), got {self.grace_period}"
+            )
+        return self
+
+
+# The sections a search space may draw into. Their field names do not overlap (checked at import), so a key
+# names its section unambiguously: `lr` is finetune.lr, `mixup_alpha` is augment.mixup_alpha.
+SEARCHABLE = {"finetune": FinetuneConfig, "augment": AugmentConfig}
+assert not set(FinetuneConfig.model_fields) & set(AugmentConfig.model_fields)
+INTEGER_FIELDS = (int, int | None)
+
+
+def searchable_section(key: str) -> str | None:
+    """The section (`finetune` or `augment`) that a search-space key belongs to, or None."""
+    return next((name for name, section in SEARCHABLE.items() if key in section.model_fields), None)
 
 
 class TuneConfig(Section):
     num_samples: int = Field(4, ge=1, le=10_000)
     seed: int = Field(0, ge=0)  # the sampler's: the same params draw the same trial configurations
     metric: Literal["val_acc", "val_loss"] = "val_acc"
+    # random: independent draws (seeded) | optuna: TPE, which proposes from the results so far
+    search: Literal["random", "optuna"] = "random"
     asha: AshaConfig = AshaConfig()
-    max_concurrent_trials: int | None = Field(None, ge=1)  # None: as many as the cluster's CPUs allow
+    workers_per_trial: int | None = Field(
+        None, ge=1
+    )  # Ray Train workers of each trial; null: ray.num_workers
+    max_concurrent_trials: int | None = Field(None, ge=1)  # None: as many as the cluster's resources allow
     search_space: dict[str, Distribution] = Field(default_factory=dict)
 
     @property
@@ -287,13 +387,19 @@ class TuneConfig(Section):
 
     @field_validator("search_space")
     @classmethod
-    def _keys_are_finetune_fields(cls, space: dict[str, Any]) -> dict[str, Any]:
-        unknown = sorted(set(space) - set(FinetuneConfig.model_fields))
+    def _keys_are_searchable(cls, space: dict[str, Any]) -> dict[str, Any]:
+        unknown = sorted(key for key in space if searchable_section(key) is None)
         if unknown:
             raise ValueError(
-                f"unknown key(s) {', '.join(unknown)}: expected fields of finetune "
-                f"({', '.join(sorted(FinetuneConfig.model_fields))})"
+                f"unknown key(s) {', '.join(unknown)}: expected fields of finetune or augment "
+                f"({', '.join(sorted(set(FinetuneConfig.model_fields) | set(AugmentConfig.model_fields)))})"
             )
+        for key, dist in space.items():
+            field = SEARCHABLE[searchable_section(key)].model_fields[key]
+            if field.annotation in INTEGER_FIELDS and dist.distribution in ("loguniform", "uniform"):
+                raise ValueError(
+                    f"@{key}: an integer field: expected randint or choice, got {dist.distribution}"
+                )
         return space
 
 
@@ -383,14 +489,63 @@ with warnings.catch_warnings():
 
         @model_validator(mode="after")
         def _batch_covers_every_worker(self):
-            for stage in ("pretrain", "finetune"):
+            # Fine-tuning runs only as sweep trials, with tune.workers_per_trial workers each.
+            workers = {"pretrain": ("ray.num_workers", self.ray.num_workers)}
+            workers["finetune"] = ("the workers per trial", self.workers_per_trial)
+            for stage, (what, count) in workers.items():
                 optim = getattr(self, stage)
-                smallest = self.ray.num_workers * optim.accumulate_steps
+                smallest = count * optim.accumulate_steps
                 if optim.batch_size < smallest:
                     raise ValueError(
-                        f"@{stage}.batch_size: must be at least ray.num_workers × {stage}.accumulate_steps "
+                        f"@{stage}.batch_size: must be at least {what} × {stage}.accumulate_steps "
                         f"({smallest}): every worker needs an image per micro-batch, got {optim.batch_size}"
                     )
+            return self
+
+        @property
+        def workers_per_trial(self) -> int:
+            return self.tune.workers_per_trial or self.ray.num_workers
+
+        @model_validator(mode="after")
+        def _search_space_draws_valid_configs(self):
+            """Every corner of the search space (each choice value, each range's ends, all combined) must give
+            a valid finetune/augment config: a bad draw fails here, with the keys, not in a trial an hour in."""
+            space = self.tune.search_space
+            if not space:
+                return self
+            candidates = {key: _corners(dist) for key, dist in space.items()}
+            combos = math.prod(len(values) for values in candidates.values())
+            if combos > MAX_CORNERS:  # too many to try together: each key on its own
+                draws = [{key: value} for key, values in candidates.items() for value in values]
+            else:
+                draws = [
+                    dict(zip(candidates, values, strict=True))
+                    for values in itertools.product(*candidates.values())
+                ]
+            for draw in draws:
+                where = ", ".join(f"{key}={value!r}" for key, value in draw.items())
+                for section, schema in SEARCHABLE.items():
+                    fields = {k: v for k, v in draw.items() if k in schema.model_fields}
+                    if not fields:
+                        continue
+                    try:
+                        drawn = schema.model_validate(getattr(self, section).model_dump() | fields)
+                    except ValidationError as err:
+                        first = err.errors()[0]
+                        key = ".".join(str(part) for part in first["loc"]) or section
+                        message = first["msg"].removeprefix("Value error, ")
+                        if message.startswith("@"):
+                            key, _, message = message[1:].partition(": ")
+                        raise ValueError(
+                            f"@tune.search_space: the draw {where} makes {section}.{key} invalid: {message}"
+                        ) from None
+                    if section == "finetune":
+                        smallest = self.workers_per_trial * drawn.accumulate_steps
+                        if drawn.batch_size < smallest:
+                            raise ValueError(
+                                f"@tune.search_space: the draw {where} makes finetune.batch_size {drawn.batch_size} "
+                                f"smaller than workers per trial × accumulate_steps ({smallest})"
+                            )
             return self
 
         def dataset(self, name: str) -> DatasetConfig:

@@ -32,8 +32,8 @@ from resnet.config import AugmentConfig, FinetuneConfig, PretrainConfig, RayConf
 from resnet.data.loading import PreparedData, load_prepared
 from resnet.data.prepare import join_location, read_manifest, read_shard, split_files
 from resnet.data.s3 import is_s3_uri, split_s3_uri
-from resnet.engine import TrainState, fit, load_model_file, save_model_file
-from resnet.finetune import apply_strategy, replace_head
+from resnet.engine import TrainState, fit, save_model_file
+from resnet.finetune import FinetunePlan
 from resnet.io import atomic_path
 from resnet.models import build_model
 
@@ -142,14 +142,17 @@ class TrainJob:
     optim: dict[str, Any]  # a PretrainConfig or FinetuneConfig, dumped
     augment: dict[str, Any]
     kind: str = "pretrain"  # or "finetune"
-    init_from: str | None = None  # model file to fine-tune from
+    # Fine-tuning's starting point: {"model_name": str, "model": state dict, head sized for the data}, as a Ray
+    # ObjectRef (the weights go once through the object store to every node) or as the dict itself.
+    init_weights: Any = None
     threads_per_worker: int = 1
     mlflow_run: Any = None  # tracking.RunHandle or None
     meta: dict[str, Any] = field(default_factory=dict)  # extra metadata to store in model files
     stage: str = "pretrain"  # the name progress lines start with
 
     def to_config(self) -> dict[str, Any]:
-        return dataclasses.asdict(self) | {"mlflow_run": self.mlflow_run}
+        # Shallow, unlike dataclasses.asdict, which would deep-copy the ObjectRef and the run handle.
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
 
 
 # ---------------------------------------------------------------- Ray Data loading
@@ -208,19 +211,22 @@ class RayDataSource:
         return self.held_out.val_batches(batch_size, rank=rank, world_size=world_size)
 
 
-def build_job_model(job: TrainJob, num_classes: int) -> tuple[torch.nn.Module, str, bool]:
-    """(model, model name, freeze BN) for the job: a fresh model to pretrain, or a loaded one to fine-tune."""
+def build_job_model(job: TrainJob, num_classes: int) -> tuple[torch.nn.Module, str, FinetunePlan | None]:
+    """(model, model name, fine-tuning plan) for the job: a fresh model to pretrain (no plan), or the starting
+    weights to fine-tune with the plan of `finetune.strategy`."""
     if job.kind == "pretrain":
         optim = PretrainConfig(**job.optim)
         model = build_model(
             optim.model, num_classes, zero_init_residual=optim.zero_init_residual, dropout=optim.dropout
         )
-        return model, optim.model, False
+        return model, optim.model, None
     optim = FinetuneConfig(**job.optim)
-    model, meta = load_model_file(job.init_from)
-    replace_head(model, num_classes)
-    model.dropout.p = optim.dropout
-    return model, meta["model_name"], apply_strategy(model, optim.strategy)
+    init = job.init_weights
+    if isinstance(init, ray.ObjectRef):
+        init = ray.get(init)
+    model = build_model(init["model_name"], num_classes, dropout=optim.dropout)
+    model.load_state_dict(init["model"])  # the head was already sized for this data by the driver
+    return model, init["model_name"], FinetunePlan.from_config(model, optim)
 
 
 def load_train_state(directory: str | Path, rank: int) -> TrainState:
@@ -294,7 +300,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         held_out = data.held_out
     else:
         data = held_out = load_prepared(job.data_dir, splits=("train", "val"))
-    model, model_name, freeze_bn = build_job_model(job, data.num_classes)
+    model, model_name, plan = build_job_model(job, data.num_classes)
     meta = {
         "model_name": model_name,
         "num_classes": data.num_classes,
@@ -345,7 +351,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         device=ray.train.torch.get_device(),
         rank=rank,
         world_size=world_size,
-        freeze_bn=freeze_bn,
+        plan=plan,
         resume=resume,
         on_epoch_end=report,
     )

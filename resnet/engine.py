@@ -27,6 +27,7 @@ from torch import nn
 
 from resnet.data.augment import BatchAugment, hard_labels, loss_fn
 from resnet.data.loading import Normalize
+from resnet.finetune import FinetunePlan
 from resnet.io import atomic_path
 from resnet.models import build_model
 
@@ -95,9 +96,12 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
     ]
 
 
-def build_optimizer(model: nn.Module, optim) -> torch.optim.Optimizer:
-    """SGD (momentum, optionally Nesterov) or AdamW from an `OptimizerConfig`, with `param_groups`."""
-    groups = param_groups(model, optim.weight_decay)
+def build_optimizer(
+    model: nn.Module, optim, groups: list[dict[str, Any]] | None = None
+) -> torch.optim.Optimizer:
+    """SGD (momentum, optionally Nesterov) or AdamW from an `OptimizerConfig`, over `groups` (default:
+    `param_groups`; a fine-tuning plan gives per-layer groups with their own LRs)."""
+    groups = groups if groups is not None else param_groups(model, optim.weight_decay)
     if optim.optimizer == "adamw":
         return torch.optim.AdamW(groups, lr=optim.lr, betas=tuple(optim.betas))
     return torch.optim.SGD(
@@ -126,9 +130,15 @@ def warmup_constant(warmup_steps: int) -> Callable[[int], float]:
     return with_warmup(warmup_steps, lambda s: 1.0)
 
 
-def build_scheduler(optimizer: torch.optim.Optimizer, optim, steps_per_epoch: int):
+def build_scheduler(
+    optimizer: torch.optim.Optimizer,
+    optim,
+    steps_per_epoch: int,
+    group_factors: list[Callable[[int], float]] | None = None,
+):
     """The LR schedule, stepped once per optimiser step. Every schedule multiplies each group's own LR, so
-    groups with different LRs (layer-wise decay) keep their ratios."""
+    groups with different LRs (layer-wise decay) keep their ratios. `group_factors` (one per optimiser group,
+    from a fine-tuning plan) multiply the schedule per step: 0 while a group is frozen, its warmup ramp."""
     total, warmup = optim.epochs * steps_per_epoch, optim.warmup_epochs * steps_per_epoch
     if optim.schedule == "onecycle":
         # Momentum stays what the config says (cycle_momentum=False): one knob, one meaning.
@@ -145,7 +155,11 @@ def build_scheduler(optimizer: torch.optim.Optimizer, optim, steps_per_epoch: in
         factor = warmup_constant(warmup)
     else:
         factor = warmup_cosine(total, warmup)
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+    if group_factors is None:
+        return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+    return torch.optim.lr_scheduler.LambdaLR(
+        optimizer, [lambda step, group=group: factor(step) * group(step) for group in group_factors]
+    )
 
 
 class ModelEma:
@@ -264,13 +278,12 @@ def set_determinism(deterministic: bool) -> None:
     torch.backends.cudnn.deterministic = deterministic
 
 
-def set_train_mode(model: nn.Module, freeze_bn: bool) -> None:
-    """Train mode, except that frozen BatchNorm layers keep using (and not updating) their running statistics."""
+def set_train_mode(model: nn.Module, frozen_norms: Iterable[nn.Module] = ()) -> None:
+    """Train mode, except that the `frozen_norms` (BatchNorm layers) keep using, and not updating, their
+    running statistics."""
     model.train()
-    if freeze_bn:
-        for module in model.modules():
-            if isinstance(module, nn.modules.batchnorm._BatchNorm):
-                module.eval()
+    for module in frozen_norms:
+        module.eval()
 
 
 def _mark_last(items: Iterable[Any]) -> Iterator[tuple[Any, bool]]:
@@ -299,6 +312,7 @@ class Stepper:
     grad_clip_norm: float = 0.0
     ema: ModelEma | None = None
     grad_norms: list[float] = field(default_factory=list)  # before clipping, one per update (when clipping)
+    last_lrs: list[float] = field(default_factory=list)  # each optimiser group's LR in the latest update
 
     def backward(self, loss: torch.Tensor) -> None:
         # Each micro-batch carries 1/accumulate_steps of the update; a short last group is rescaled in step().
@@ -315,6 +329,7 @@ class Stepper:
             norm = float(nn.utils.clip_grad_norm_(self.model.parameters(), self.grad_clip_norm))
             if math.isfinite(norm):  # an fp16 overflow: the scaler skips this step
                 self.grad_norms.append(norm)
+        self.last_lrs = [group["lr"] for group in self.optimizer.param_groups]
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
@@ -335,13 +350,13 @@ def train_epoch(
     generator: torch.Generator,
     precision: str = "fp32",
     channels_last: bool = False,
-    freeze_bn: bool = False,
+    frozen_norms: Iterable[nn.Module] = (),
 ) -> EpochStats:
     """One pass over `batches` of uint8 images: augment on the CPU, normalise on the device, forward in
     `precision`, and an optimiser update every `stepper.accumulate_steps` micro-batches (and at the end).
     Under DDP the gradient all-reduce runs only on the micro-batch that completes an update. Metrics are
     summed over all ranks."""
-    set_train_mode(net, freeze_bn)
+    set_train_mode(net, frozen_norms)
     memory_format = torch.channels_last if channels_last else torch.contiguous_format
     stats = EpochStats()
     in_group = 0
@@ -419,7 +434,7 @@ def fit(
     device: torch.device,
     rank: int = 0,
     world_size: int = 1,
-    freeze_bn: bool = False,
+    plan: FinetunePlan | None = None,
     resume: TrainState | None = None,
     on_epoch_end: Callable[[dict[str, float], TrainState], None] | None = None,
 ) -> nn.Module:
@@ -427,7 +442,9 @@ def fit(
 
     `data` is a `loading.PreparedData` (in memory) or anything with the same `train_steps`, `train_epoch`,
     `val_batches`, `mean`, `std` and `num_classes` (Ray Data's streaming shards). `optim` is an
-    `OptimizerConfig` (the whole recipe), `augment` an `AugmentConfig` or a ready `BatchAugment`. Under
+    `OptimizerConfig` (the whole recipe), `augment` an `AugmentConfig` or a ready `BatchAugment`. `plan` (a
+    `finetune.FinetunePlan`) says which layer groups train in which epoch and at what LR; without one, every
+    parameter trains at `optim.lr`. Under
     torch.distributed the model is wrapped in DDP here; each rank trains on its shard in micro-batches of
     `batch_size // (world_size * accumulate_steps)` images. After each epoch `on_epoch_end(metrics, state)` is
     called on every rank (metrics are global, so every rank takes the same early-stopping decision); `state`
@@ -444,17 +461,21 @@ def fit(
     memory_format = torch.channels_last if optim.channels_last else torch.contiguous_format
     model.to(device, memory_format=memory_format)
     ema = ModelEma(model, optim.ema_decay) if optim.ema_decay > 0 else None
-    net = nn.parallel.DistributedDataParallel(model) if world_size > 1 else model
-    if optim.compile:
-        net = torch.compile(net)
     micro_steps = data.train_steps(micro_batch, world_size)
+    steps_per_epoch = math.ceil(micro_steps / optim.accumulate_steps)
     if not isinstance(augment, BatchAugment):
         augment = BatchAugment.from_config(augment, data.num_classes)
-    optimizer = build_optimizer(model, optim)
+    if plan is None:
+        optimizer = build_optimizer(model, optim)
+        scheduler = build_scheduler(optimizer, optim, steps_per_epoch)
+    else:
+        optimizer = build_optimizer(model, optim, plan.param_groups(optim.lr, optim.weight_decay))
+        factors = [plan.lr_factor(group["name"], steps_per_epoch) for group in optimizer.param_groups]
+        scheduler = build_scheduler(optimizer, optim, steps_per_epoch, factors)
     stepper = Stepper(
         model=model,
         optimizer=optimizer,
-        scheduler=build_scheduler(optimizer, optim, math.ceil(micro_steps / optim.accumulate_steps)),
+        scheduler=scheduler,
         scaler=torch.amp.GradScaler(device.type, enabled=optim.precision == "fp16"),
         accumulate_steps=optim.accumulate_steps,
         grad_clip_norm=optim.grad_clip_norm,
@@ -480,8 +501,14 @@ def fit(
             set_rng_state(resume.rng)
         start_epoch = optim.epochs if resume.stopped else resume.epoch
     normalize = Normalize(data.mean, data.std).to(device)
-    evaluated = ema.module if ema is not None else net
+    net, wrapped_for = None, None
     for epoch in range(start_epoch, optim.epochs):
+        training = plan.apply(model, epoch) if plan is not None else ("all",)
+        if training != wrapped_for:
+            # DDP registers the parameters that require gradients when it is built: a plan that unfreezes a
+            # group needs a new wrapper, or the new group's gradients would never be all-reduced.
+            net, wrapped_for = _wrap(model, world_size, optim.compile, rewrap=net is not None), training
+        evaluated = ema.module if ema is not None else net
         # Augmentation randomness differs per rank and epoch but is reproducible from the seed.
         generator = torch.Generator().manual_seed(optim.seed * 100_003 + epoch * 1_009 + rank)
         started = time.perf_counter()
@@ -497,7 +524,7 @@ def fit(
             generator=generator,
             precision=optim.precision,
             channels_last=optim.channels_last,
-            freeze_bn=freeze_bn,
+            frozen_norms=plan.frozen_norms(epoch) if plan is not None else (),
         )
         train_seconds = time.perf_counter() - started
         val_batches = data.val_batches(256, rank=rank, world_size=world_size)
@@ -521,6 +548,16 @@ def fit(
         }
         if stepper.grad_norms:
             metrics["grad_norm"] = sum(stepper.grad_norms) / len(stepper.grad_norms)
+        if (
+            plan is not None
+        ):  # each layer group's LR in the epoch's last update (0: frozen), and how much trained
+            # A frozen group reports 0 whatever the schedule says (OneCycleLR knows no per-group factors).
+            group_lrs: dict[str, float] = {}
+            for group, lr in zip(optimizer.param_groups, stepper.last_lrs, strict=True):
+                trains = any(p.requires_grad for p in group["params"])
+                group_lrs[group["name"]] = max(group_lrs.get(group["name"], 0.0), lr if trains else 0.0)
+            metrics |= {f"lr_{name}": lr for name, lr in group_lrs.items()}
+            metrics["trainable_params"] = sum(p.numel() for p in model.parameters() if p.requires_grad)
         if ema is not None:  # the live weights too, to see what averaging gains
             live = evaluate(
                 net,
@@ -548,6 +585,14 @@ def fit(
         if stop:
             break
     return ema.module if ema is not None else model
+
+
+def _wrap(model: nn.Module, world_size: int, compile: bool, *, rewrap: bool) -> nn.Module:
+    """The module the training step calls: DDP over `model` under torch.distributed, compiled if asked."""
+    if rewrap and compile:
+        torch._dynamo.reset()  # drop the graphs (and their references) traced through the previous wrapper
+    net = nn.parallel.DistributedDataParallel(model) if world_size > 1 else model
+    return torch.compile(net) if compile else net
 
 
 # ---------------------------------------------------------------- model files

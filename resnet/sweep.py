@@ -1,13 +1,22 @@
 """Ray Tune: a sweep of fine-tuning configurations, each trial fitting its own TorchTrainer (Ray Train V2).
 
-A trial is a function: it merges its sampled values into the `finetune` section, opens an MLflow child run under
-the sweep's run, and fits a `TorchTrainer` whose workers report every epoch through `TuneReportCallback`, which
-is what ASHA sees to stop weak trials early. The trial itself holds a token 0.01 CPU; its workers take the rest.
+A trial is a function: it merges its sampled values into the `finetune` and `augment` sections, opens (or, on
+a resumed sweep, reopens) an MLflow child run under the sweep's run, and fits a `TorchTrainer` whose workers
+report every epoch through `TuneReportCallback`, which is what ASHA sees to stop weak trials early. The trial
+itself holds a token 0.01 CPU; its workers take the rest.
+
+Resuming. The sweep's name is a fingerprint of everything that decides its trials (config, data, starting
+weights, code), and each trial's TorchTrainer is named after its trial id under the sweep's storage. Running
+the stage again after its driver died restores the Tune experiment: finished trials keep their results and are
+not run again; an unfinished trial's function runs again, and its TorchTrainer, finding its own earlier run
+under the same name, continues from that run's last checkpoint. ASHA's rungs start empty after a restore
+(Tune does not save scheduler state), so a resumed trial is judged against the results that come after it.
 """
 
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -16,17 +25,20 @@ import ray.tune
 from ray import tune
 from ray.tune.integration.ray_train import CHECKPOINT_PATH_KEY, TuneReportCallback
 from ray.tune.schedulers import ASHAScheduler
-from ray.tune.search import BasicVariantGenerator
+from ray.tune.search import BasicVariantGenerator, ConcurrencyLimiter
 
-from resnet.config import Config, FinetuneConfig
+from resnet.config import AugmentConfig, Config, FinetuneConfig, RayConfig, searchable_section
 from resnet.distributed import Storage, TrainJob, make_trainer
-from resnet.tracking import RunHandle, start_run
+from resnet.tracking import RunHandle, find_unfinished_run, start_run
 
 TRIAL_CPU = 0.01  # Tune refuses 0; the trial function only waits on its trainer
+# Seconds between saves of the sweep's state (Tune's default is at least 10). What a killed driver had not
+# saved is redone on resume, so a short period loses little; the state of a small sweep is a few kB.
+STATE_SAVE_SECONDS = "2"
 
 
 def search_space(cfg: Config) -> dict[str, Any]:
-    """params.yaml's typed distributions → Ray Tune's sampling objects."""
+    """params.yaml's typed distributions → Ray Tune's sampling objects (flat keys: `lr`, `mixup_alpha`)."""
     space = {}
     for key, dist in cfg.tune.search_space.items():
         if dist.distribution == "loguniform":
@@ -40,22 +52,46 @@ def search_space(cfg: Config) -> dict[str, Any]:
     return space
 
 
+def split_draw(sampled: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """A trial's sampled values → (finetune overrides, augment overrides)."""
+    finetune = {k: v for k, v in sampled.items() if searchable_section(k) == "finetune"}
+    augment = {k: v for k, v in sampled.items() if searchable_section(k) == "augment"}
+    return finetune, augment
+
+
 def max_epochs(cfg: Config) -> int:
-    """The longest a trial may run: ASHA's `max_t`."""
+    """The epoch at which a trial has run to the end: ASHA's `max_t`."""
+    if cfg.tune.asha.max_epochs is not None:
+        return cfg.tune.asha.max_epochs
     dist = cfg.tune.search_space.get("epochs")
     if dist is None:
         return cfg.finetune.epochs
     if dist.distribution == "choice":
         return max(int(v) for v in dist.values)
-    return int(dist.high) - (1 if dist.distribution == "randint" else 0)
+    return int(dist.high) - 1  # randint: [low, high)
+
+
+def trial_resources(cfg: Config) -> dict[str, float]:
+    """What one trial's workers hold together."""
+    workers = cfg.workers_per_trial
+    resources = {"CPU": workers * cfg.ray.cpus_per_worker}
+    if cfg.ray.use_gpu:
+        resources["GPU"] = workers * cfg.ray.gpus_per_worker
+    return resources
 
 
 def max_concurrent_trials(cfg: Config) -> int:
-    """As many trials as the cluster's CPUs hold at once, given each trial's workers (at least one)."""
+    """`tune.max_concurrent_trials`, else as many trials as the cluster's resources hold at once (at least 1)."""
     if cfg.tune.max_concurrent_trials:
         return cfg.tune.max_concurrent_trials
-    per_trial = cfg.ray.num_workers * cfg.ray.cpus_per_worker
-    return max(1, math.floor(ray.cluster_resources().get("CPU", 1) / per_trial))
+    cluster = ray.cluster_resources()
+    fits = [math.floor(cluster.get(name, 0) / need) for name, need in trial_resources(cfg).items()]
+    return max(1, min(fits))
+
+
+def trial_ray_config(cfg: Config) -> RayConfig:
+    """The Ray section a trial's trainer uses: `tune.workers_per_trial` workers."""
+    return cfg.ray.model_copy(update={"num_workers": cfg.workers_per_trial})
 
 
 @dataclass(frozen=True)
@@ -64,8 +100,9 @@ class SweepJob:
 
     base: TrainJob
     finetune: dict[str, Any]
+    augment: dict[str, Any]
     ray_cfg: dict[str, Any]
-    storage: Storage
+    storage: Storage  # where the trials' TorchTrainers keep their runs
     metric: str
     mode: str
     experiment: str
@@ -73,31 +110,41 @@ class SweepJob:
     parent: RunHandle | None
 
 
-def run_trial(sampled: dict[str, Any], sweep: SweepJob) -> None:
-    """One Tune trial: validate the sampled fine-tuning config, then fit a TorchTrainer with it."""
-    from resnet.config import RayConfig
+def trial_run(sweep: SweepJob, trial_id: str, params: dict[str, Any]) -> RunHandle | None:
+    """The trial's MLflow child run: its unfinished run from before a restore, else a new one."""
+    if sweep.parent is None:
+        return None
+    tags = {"tune.trial_id": trial_id, "mlflow.parentRunId": sweep.parent.run_id}
+    previous = find_unfinished_run(sweep.parent.tracking_uri, sweep.experiment, tags)
+    if previous is not None:
+        return previous
+    run = start_run(
+        sweep.parent.tracking_uri,
+        sweep.experiment,
+        f"trial-{trial_id}",
+        root=sweep.root,
+        parent=sweep.parent,
+        tags={"pipeline.stage": "tune", "tune.trial_id": trial_id},
+    )
+    run.log_params(params)
+    return run
 
+
+def run_trial(sampled: dict[str, Any], sweep: SweepJob) -> None:
+    """One Tune trial: validate the sampled config, then fit (or continue) a TorchTrainer with it."""
     trial_id = ray.tune.get_context().get_trial_id()
-    optim = FinetuneConfig(**(sweep.finetune | sampled))
+    finetune_draw, augment_draw = split_draw(sampled)
+    optim = FinetuneConfig(**(sweep.finetune | finetune_draw))
+    augment = AugmentConfig(**(sweep.augment | augment_draw))
     ray_cfg = RayConfig(**sweep.ray_cfg)
-    run = None
-    if sweep.parent is not None:
-        run = start_run(
-            sweep.parent.tracking_uri,
-            sweep.experiment,
-            f"trial-{trial_id}",
-            root=sweep.root,
-            parent=sweep.parent,
-            tags={"pipeline.stage": "tune", "tune.trial_id": trial_id},
-        )
-        run.log_params(optim.model_dump())
-    job = replace(sweep.base, optim=optim.model_dump(), mlflow_run=run)
+    run = trial_run(sweep, trial_id, {"finetune": optim.model_dump(), "augment": augment.model_dump()})
+    job = replace(sweep.base, optim=optim.model_dump(), augment=augment.model_dump(), mlflow_run=run)
     # Leave room for this trial's own 0.01 CPU: on a 2-CPU machine 2 workers × 1.0 would never be placed.
     cpus = ray_cfg.cpus_per_worker - TRIAL_CPU / ray_cfg.num_workers
     trainer = make_trainer(
         job,
         ray_cfg,
-        name=f"train-{trial_id}",
+        name=trial_id,  # stable across a restore: the trainer finds and continues its earlier run
         storage=sweep.storage,
         metric=sweep.metric,
         mode=sweep.mode,
@@ -109,70 +156,133 @@ def run_trial(sampled: dict[str, Any], sweep: SweepJob) -> None:
     trainer.fit()
 
 
+def search_algorithm(cfg: Config):
+    """Random sampling or Optuna's TPE, both seeded and held to the concurrency limit (Tune applies its own
+    max_concurrent_trials only to a search algorithm it builds itself)."""
+    limit = max_concurrent_trials(cfg)
+    if cfg.tune.search == "optuna":
+        from ray.tune.search.optuna import OptunaSearch
+
+        return ConcurrencyLimiter(OptunaSearch(seed=cfg.tune.seed), max_concurrent=limit)
+    return BasicVariantGenerator(max_concurrent=limit, random_state=cfg.tune.seed)
+
+
 def run_sweep(
     cfg: Config, base: TrainJob, *, storage: Storage, name: str, root: str, parent: RunHandle | None
 ):
-    """Fit the sweep; returns the Tune `ResultGrid`."""
+    """Fit the sweep `name` under `storage`, or resume it if an earlier driver left it unfinished; returns the
+    Tune `ResultGrid` and whether it was resumed."""
     sweep = SweepJob(
         base=base,
         finetune=cfg.finetune.model_dump(),
-        ray_cfg=cfg.ray.model_dump(),
-        storage=storage,
+        augment=cfg.augment.model_dump(),
+        ray_cfg=trial_ray_config(cfg).model_dump(),
+        storage=replace(storage, path=f"{storage.path}/{name}-trainers"),
         metric=cfg.tune.metric,
         mode=cfg.tune.mode,
         experiment=cfg.mlflow.experiment,
         root=root,
         parent=parent,
     )
+    trainable = tune.with_resources(tune.with_parameters(run_trial, sweep=sweep), {"CPU": TRIAL_CPU})
+    os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", STATE_SAVE_SECONDS)  # read when the Tuner starts
+    path = f"{storage.path}/{name}"
+    if tune.Tuner.can_restore(path, storage_filesystem=storage.filesystem):
+        print(f"tune: resuming sweep {name}: finished trials are kept, unfinished ones continue", flush=True)
+        tuner = tune.Tuner.restore(
+            path,
+            trainable,
+            resume_unfinished=True,
+            resume_errored=True,  # continue from its checkpoint a trial that failed with its driver
+            param_space=search_space(cfg),
+            storage_filesystem=storage.filesystem,
+        )
+        return tuner.fit(), True
+    # The epoch, not Tune's training_iteration, is ASHA's clock: a trial resumed after a restore reports
+    # epochs k+1.. while Tune would count its iterations from 1 again.
     scheduler = ASHAScheduler(
-        time_attr="training_iteration",
+        time_attr="epoch",
         max_t=max_epochs(cfg),
         grace_period=min(cfg.tune.asha.grace_period, max_epochs(cfg)),
         reduction_factor=cfg.tune.asha.reduction_factor,
     )
     tuner = tune.Tuner(
-        tune.with_resources(tune.with_parameters(run_trial, sweep=sweep), {"CPU": TRIAL_CPU}),
+        trainable,
         param_space=search_space(cfg),
         tune_config=tune.TuneConfig(
             metric=cfg.tune.metric,
             mode=cfg.tune.mode,
             num_samples=cfg.tune.num_samples,
             scheduler=scheduler,
-            # Tune applies max_concurrent_trials only to a search algorithm it builds itself: give ours the limit.
-            search_alg=BasicVariantGenerator(
-                max_concurrent=max_concurrent_trials(cfg), random_state=cfg.tune.seed
-            ),
+            search_alg=search_algorithm(cfg),
         ),
         run_config=ray.tune.RunConfig(name=name, **storage.run_config_kwargs()),
     )
-    return tuner.fit()
+    return tuner.fit(), False
 
 
-def sweep_table(results, metric: str, mode: str, max_t: int) -> list[dict[str, Any]]:
-    """One row per trial: its sampled values, epochs run, best metric, and whether ASHA stopped it early."""
+def _history(result):
+    """A trial's reported epochs, one row each (a resumed trial can report an epoch twice: keep the last)."""
+    history = result.metrics_dataframe
+    if history is None or history.empty or "epoch" not in history:
+        return None
+    return history.drop_duplicates("epoch", keep="last").sort_values("epoch")
+
+
+def sweep_table(results, cfg: Config) -> list[dict[str, Any]]:
+    """One row per trial: its sampled values, epochs run, best metric (and its epoch), and whether ASHA
+    stopped it before `max_epochs`."""
+    metric, mode, max_t = cfg.tune.metric, cfg.tune.mode, max_epochs(cfg)
     rows = []
     for result in results:
-        history = result.metrics_dataframe
-        epochs = 0 if history is None or history.empty else int(history["epoch"].max())
-        values = [] if history is None or history.empty else history[metric].tolist()
-        best = (max if mode == "max" else min)(values) if values else float("nan")
-        row = {"trial_id": result.metrics.get("trial_id") if result.metrics else None}
-        row.update({k: v for k, v in (result.config or {}).items()})
+        history = _history(result)
+        row = {"trial_id": (result.metrics or {}).get("trial_id") or _trial_id(result)}
+        row.update(dict(result.config or {}))
+        if history is None:
+            epochs, best, best_epoch = 0, float("nan"), 0
+        else:
+            epochs = int(history["epoch"].max())
+            index = history[metric].idxmax() if mode == "max" else history[metric].idxmin()
+            best, best_epoch = float(history.loc[index, metric]), int(history.loc[index, "epoch"])
         row.update(
             {
                 "epochs": epochs,
                 f"best_{metric}": best,
-                "stopped_early": bool(epochs < max_t and result.error is None),
+                "best_epoch": best_epoch,
+                "stopped_early": bool(result.error is None and epochs < max_t),
                 "error": None if result.error is None else type(result.error).__name__,
             }
         )
         rows.append(row)
-    return rows
+    return sorted(rows, key=lambda row: row["trial_id"])
+
+
+def _trial_id(result) -> str | None:
+    # A trial that never reported has no metrics; its directory name ends with its id.
+    path = getattr(result, "path", None) or ""
+    return path.rstrip("/").rsplit("/", 1)[-1] or None
+
+
+def sweep_summary(table: list[dict[str, Any]], cfg: Config) -> dict[str, Any]:
+    """Counts and the sweep's cost: trial-epochs run ÷ every trial run to `max_epochs`."""
+    budget = len(table) * max_epochs(cfg)
+    used = sum(row.get("epochs_run", row["epochs"]) for row in table)
+    return {
+        "trials": len(table),
+        "stopped_early": sum(row["stopped_early"] for row in table),
+        "failed": sum(bool(row["error"]) for row in table),
+        "trial_epochs": used,
+        "budget_epochs": budget,
+        "epochs_fraction": round(used / budget, 4) if budget else 0.0,
+    }
 
 
 def close_trial_runs(parent: RunHandle, experiment: str, table: list[dict[str, Any]], metric: str) -> int:
     """End every trial's MLflow child run with what the sweep table says about it: FINISHED (stopped early or
-    not, tagged so) or FAILED, plus its best metric. Returns how many child runs were found."""
+    not, tagged so) or FAILED, plus its best metric. The run's id goes into the table's row, with `epochs_run`:
+    the epochs its curve holds. That can be one more than `epochs` (what Tune saw) for a stopped trial: its
+    workers finish the epoch in flight while ASHA's stop reaches them, and that epoch's compute was spent.
+    Returns how many child runs were found."""
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(parent.tracking_uri)
@@ -185,19 +295,23 @@ def close_trial_runs(parent: RunHandle, experiment: str, table: list[dict[str, A
         row = rows.get(child.data.tags.get("tune.trial_id"))
         if row is None:
             continue
+        row["mlflow_run_id"] = child.info.run_id
+        curve = client.get_metric_history(child.info.run_id, metric)
+        row["epochs_run"] = max([row["epochs"]] + [point.step for point in curve])
         handle = RunHandle(parent.tracking_uri, child.info.run_id)
         handle.set_tags({"tune.stopped_early": row["stopped_early"], "tune.epochs": row["epochs"]})
         if row[f"best_{metric}"] == row[f"best_{metric}"]:  # not NaN: the trial reported at least once
-            handle.log_metrics({f"best_{metric}": row[f"best_{metric}"]})
+            handle.log_metrics({f"best_{metric}": row[f"best_{metric}"], "best_epoch": row["best_epoch"]})
         handle.end("FAILED" if row["error"] else "FINISHED")
     return len(children)
 
 
-def best_checkpoint_path(results, metric: str, mode: str) -> tuple[Any, str]:
-    """(best result, path of its best epoch's checkpoint) over every epoch of every trial."""
+def best_checkpoint_path(results, metric: str, mode: str) -> tuple[Any, str, dict[str, Any]]:
+    """(best result, path of its best epoch's checkpoint, that epoch's metrics) over every epoch of every
+    trial."""
     best = results.get_best_result(metric=metric, mode=mode, scope="all")
     history = best.metrics_dataframe
     # Newest first: on a tie Ray Train keeps the later checkpoint, and idxmax/idxmin return the first match.
     history = history[history[CHECKPOINT_PATH_KEY].notna()].iloc[::-1]
     index = history[metric].idxmax() if mode == "max" else history[metric].idxmin()
-    return best, history.loc[index, CHECKPOINT_PATH_KEY]
+    return best, history.loc[index, CHECKPOINT_PATH_KEY], history.loc[index].to_dict()

@@ -14,6 +14,19 @@ def repo_root() -> Path:
     return REPO
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny models on a 2-core machine that may be busy with Ray jobs: one intra-op thread is several times
+    faster than two competing ones, and makes the timings of a module predictable. Modules opt in with
+    `pytestmark = pytest.mark.usefixtures("one_thread")`."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session")
 def ray_address(tmp_path_factory) -> str:
     """A local Ray cluster started by this test session (dashboard on 127.0.0.1, as Tune needs on 2 CPUs);
@@ -27,6 +40,24 @@ def ray_address(tmp_path_factory) -> str:
         yield ray.get_runtime_context().gcs_address
     finally:
         ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def tiny_fractals(tmp_path_factory) -> Path:
+    """A prepared dataset of 10 fractal classes × 40 at 32 px: 320 training images, an epoch of a second or two
+    on 2 workers (so a kill can land inside one)."""
+    from resnet.config import DatasetConfig
+    from resnet.data.prepare import prepare_dataset
+
+    out = tmp_path_factory.mktemp("data") / "fractals"
+    dataset = DatasetConfig(
+        source="fractals",
+        image_size=32,
+        split={"val": 0.1, "test": 0.1},
+        fractals={"num_classes": 10, "per_class": 40, "points": 400},
+    )
+    prepare_dataset("fractals", dataset, out)
+    return out
 
 
 @pytest.fixture(scope="session")

@@ -13,11 +13,11 @@ from resnet.config import (
     Config,
     ConfigError,
     DatasetConfig,
-    FinetuneConfig,
     LogUniform,
     TuneConfig,
     load_config,
     parse_config,
+    searchable_section,
     set_dotted,
 )
 from resnet.models import available_models
@@ -198,13 +198,106 @@ def test_search_space_loguniform_low_not_below_high(tmp_path):
     assert "low (0.1) must be less than high (0.01)" in message
 
 
-def test_search_space_key_must_be_a_finetune_field(tmp_path):
+def test_search_space_key_must_be_a_finetune_or_augment_field(tmp_path):
     raw = {"tune": {"search_space": {"learning_rate": {"distribution": "choice", "values": [0.1]}}}}
     message, _ = _config_error(tmp_path, raw)
     assert "tune.search_space" in message
     assert "learning_rate" in message
-    for field in FinetuneConfig.model_fields:
+    for field in ("lr", "strategy", "lp_epochs", "lr_decay", "mixup_alpha", "batch_size"):
         assert field in message
+
+
+def test_search_space_draws_into_augment_too(tmp_path):
+    space = {"mixup_alpha": {"distribution": "choice", "values": [0.0, 0.2]}}
+    cfg = load_config(_write(tmp_path, {"tune": {"search_space": space}}))
+    assert searchable_section("mixup_alpha") == "augment"
+    assert searchable_section("lr_decay") == "finetune"
+    assert searchable_section("model") == "finetune" and searchable_section("nope") is None
+    assert cfg.tune.search_space["mixup_alpha"].values == [0.0, 0.2]
+
+
+def test_search_space_integer_field_needs_an_integer_distribution(tmp_path):
+    space = {"lp_epochs": {"distribution": "uniform", "low": 1, "high": 3}}
+    message, _ = _config_error(tmp_path, {"tune": {"search_space": space}})
+    assert message.endswith(
+        "tune.search_space.lp_epochs: an integer field: expected randint or choice, got uniform"
+    )
+
+
+@pytest.mark.parametrize(
+    ("space", "expected"),
+    [
+        # a range end outside the field's own bounds
+        (
+            {"lr": {"distribution": "loguniform", "low": 0.01, "high": 20}},
+            "tune.search_space: the draw lr=20.0 makes finetune.lr invalid: Input should be less than or equal to 10",
+        ),
+        # a value the field does not take
+        (
+            {"strategy": {"distribution": "choice", "values": ["full", "everything"]}},
+            "tune.search_space: the draw strategy='everything' makes finetune.strategy invalid",
+        ),
+        # a combination: lp_ft needs lp_epochs < epochs
+        (
+            {
+                "strategy": {"distribution": "choice", "values": ["full", "lp_ft"]},
+                "lp_epochs": {"distribution": "randint", "low": 1, "high": 5},
+            },
+            "tune.search_space: the draw lp_epochs=4, strategy='lp_ft' makes finetune.lp_epochs invalid: "
+            "lp_ft needs 1 <= lp_epochs < epochs (4), got 4",
+        ),
+        # a batch smaller than the workers of a trial
+        (
+            {"batch_size": {"distribution": "choice", "values": [1, 32]}},
+            "tune.search_space: the draw batch_size=1 makes finetune.batch_size 1 smaller than workers per "
+            "trial × accumulate_steps (2)",
+        ),
+        # an augment field's bounds
+        (
+            {"mixup_alpha": {"distribution": "uniform", "low": -1, "high": 0.2}},
+            "tune.search_space: the draw mixup_alpha=-1.0 makes augment.mixup_alpha invalid",
+        ),
+    ],
+)
+def test_search_space_every_corner_must_make_a_valid_config(tmp_path, space, expected):
+    message, _ = _config_error(tmp_path, {"finetune": {"epochs": 4}, "tune": {"search_space": space}})
+    assert expected in message
+
+
+def test_search_space_batch_rule_uses_workers_per_trial(tmp_path):
+    space = {"batch_size": {"distribution": "choice", "values": [2, 32]}}
+    raw = {"ray": {"num_workers": 4}, "tune": {"workers_per_trial": 2, "search_space": space}}
+    cfg = load_config(_write(tmp_path, raw))
+    assert cfg.workers_per_trial == 2
+    raw["tune"]["workers_per_trial"] = None  # then ray.num_workers (4) > 2
+    message, _ = _config_error(tmp_path, raw)
+    assert "the draw batch_size=2 makes finetune.batch_size 2 smaller" in message
+
+
+@pytest.mark.parametrize(
+    ("finetune", "key", "fragment"),
+    [
+        ({"strategy": "lp_ft", "lp_epochs": 0}, "finetune.lp_epochs", "lp_ft needs 1 <= lp_epochs < epochs"),
+        ({"strategy": "gradual", "lp_epochs": 4}, "finetune.lp_epochs", "gradual needs lp_epochs < epochs"),
+        (
+            {"schedule": "onecycle", "backbone_warmup_epochs": 1},
+            "finetune.backbone_warmup_epochs",
+            "onecycle has its own warmup",
+        ),
+        ({"pretrained": "none"}, "finetune.model", "required with pretrained: none"),
+        ({"model": "resnet7"}, "finetune.model", "unknown model 'resnet7'"),
+        ({"lr_decay": 0}, "finetune.lr_decay", "greater than 0"),
+        ({"pretrained": "torchvision:resnet50.IMAGENET9"}, "finetune.pretrained", "IMAGENET9"),
+    ],
+)
+def test_finetune_strategy_errors_name_the_key(tmp_path, finetune, key, fragment):
+    message, _ = _config_error(tmp_path, {"finetune": {"epochs": 4} | finetune})
+    assert f": {key}: " in message and fragment in message
+
+
+def test_asha_grace_period_within_max_epochs(tmp_path):
+    message, _ = _config_error(tmp_path, {"tune": {"asha": {"grace_period": 5, "max_epochs": 3}}})
+    assert message.endswith("tune.asha.grace_period: must be at most max_epochs (3), got 5")
 
 
 def test_search_space_parses_distributions(tmp_path):

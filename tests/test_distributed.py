@@ -8,7 +8,6 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
@@ -16,6 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from stagerun import stage_command, stage_env, wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -24,36 +24,13 @@ SNAPSHOT = "checkpoint_manager_snapshot.json"  # Ray Train's record of a run's r
 
 
 @pytest.fixture(scope="module")
-def prepared(tmp_path_factory) -> Path:
-    """10 fractal classes × 40 at 32 px: 320 training images, an epoch of a second or two on 2 workers, so a
-    kill can land inside one."""
-    from resnet.config import DatasetConfig
-    from resnet.data.prepare import prepare_dataset
-
-    out = tmp_path_factory.mktemp("data") / "fractals"
-    dataset = DatasetConfig(
-        source="fractals",
-        image_size=32,
-        split={"val": 0.1, "test": 0.1},
-        fractals={"num_classes": 10, "per_class": 40, "points": 400},
-    )
-    prepare_dataset("fractals", dataset, out)
-    return out
+def prepared(tiny_fractals) -> Path:
+    return tiny_fractals
 
 
 def _checkpoints(run_dir: Path) -> list[Path]:
     """The run's checkpoint directories holding the rank-0 state, oldest first."""
     return sorted(path.parent for path in run_dir.glob("checkpoint_*/state.pt"))
-
-
-def _wait_for(condition, timeout: float, what: str):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = condition()
-        if value:
-            return value
-        time.sleep(0.1)
-    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
 
 
 def _train_workers(ray_address: str) -> list:
@@ -83,9 +60,9 @@ def test_a_killed_worker_is_replaced_and_training_continues_from_the_last_checkp
     thread.start()
 
     run_dir = tmp_path / "ray" / "killed"
-    _wait_for(lambda: _checkpoints(run_dir)[:1], 180, "the first epoch's checkpoint")
+    wait_for(lambda: _checkpoints(run_dir)[:1], 180, "the first epoch's checkpoint")
     first_seen = time.monotonic()
-    _wait_for(lambda: len(_checkpoints(run_dir)) >= 2, 60, "the second epoch's checkpoint")
+    wait_for(lambda: len(_checkpoints(run_dir)) >= 2, 60, "the second epoch's checkpoint")
     # Half an epoch into the third epoch (an epoch lasts as long as the wait between the first two
     # checkpoints, measured here rather than assumed).
     time.sleep((time.monotonic() - first_seen) / 2)
@@ -131,30 +108,7 @@ def _write_params(path: Path, storage: str, epochs: int) -> None:
 
 
 def _pretrain_command(work: Path, data: Path) -> list[str]:
-    return [
-        sys.executable,
-        "-m",
-        "pipelines.pretrain",
-        "--params",
-        str(work / "params.yaml"),
-        "--data",
-        str(data),
-        "--out",
-        str(work / "models"),
-        "--metrics",
-        str(work / "metrics.json"),
-    ]
-
-
-def _stage_env(ray_address: str, work: Path, **extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "RAY_ADDRESS"))}
-    return env | {
-        "RAY_ADDRESS": ray_address,
-        "MLFLOW_TRACKING_URI": f"sqlite:///{work / 'mlflow.db'}",
-        "RESNET_PROGRESS": "0",
-        "PYTHONUNBUFFERED": "1",
-        **extra,
-    }
+    return stage_command("pretrain", work, data, out="models", metrics="metrics.json")
 
 
 def test_a_stopped_pretrain_stage_resumes_its_run_when_started_again(
@@ -163,7 +117,7 @@ def test_a_stopped_pretrain_stage_resumes_its_run_when_started_again(
     from mlflow.tracking import MlflowClient
 
     _write_params(tmp_path / "params.yaml", str(tmp_path / "ray"), EPOCHS)
-    command, env = _pretrain_command(tmp_path, prepared), _stage_env(ray_address, tmp_path)
+    command, env = _pretrain_command(tmp_path, prepared), stage_env(ray_address, tmp_path)
     stage = subprocess.Popen(
         command, cwd=repo_root, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
     )
@@ -175,7 +129,7 @@ def test_a_stopped_pretrain_stage_resumes_its_run_when_started_again(
             runs = list(ray_dir.glob("pretrain-*"))
             return bool(runs) and (runs[0] / SNAPSHOT).is_file() and len(_checkpoints(runs[0])) >= 2
 
-        _wait_for(registered_twice, 240, "2 epochs")
+        wait_for(registered_twice, 240, "2 epochs")
         stage.send_signal(signal.SIGINT)  # what Ctrl-C (or a stopped `dvc repro`) sends
         first_output, _ = stage.communicate(timeout=120)
     finally:
@@ -218,7 +172,7 @@ def test_checkpoints_land_in_s3_when_the_storage_path_is_s3(
     from resnet.data import s3
 
     _write_params(tmp_path / "params.yaml", "s3://ray/runs", 2)
-    env = _stage_env(ray_address, tmp_path)  # carries the s3_env fixture's AWS_* variables
+    env = stage_env(ray_address, tmp_path)  # carries the s3_env fixture's AWS_* variables
     result = subprocess.run(
         _pretrain_command(tmp_path, prepared),
         cwd=repo_root,

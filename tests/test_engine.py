@@ -23,20 +23,13 @@ from resnet.engine import (
     set_train_mode,
     warmup_cosine,
 )
-from resnet.finetune import apply_strategy, replace_head
+from resnet.finetune import FinetunePlan, replace_head, start_epochs
 from resnet.models import build_model
 
 CPU = torch.device("cpu")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models on a 2-core machine that may be busy with Ray jobs: one intra-op thread is several times
-    faster than two competing ones, and makes the timings of this module predictable."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def bright_vs_dark(n: int = 64, size: int = 16, seed: int = 0) -> Split:
@@ -315,11 +308,14 @@ def test_model_file_has_the_usual_permissions(tmp_path):
 
 def test_linear_probe_trains_only_the_head_and_freezes_bn_statistics():
     model = build_model("resnet20", 2)
-    freeze_bn = apply_strategy(model, "linear_probe")
-    assert freeze_bn is True
+    plan = FinetunePlan.from_config(model, FinetuneConfig(epochs=2, lr=0.1, strategy="linear_probe"))
+    assert plan.apply(model, 0) == ("head",)
     assert {n for n, p in model.named_parameters() if p.requires_grad} == {"fc.weight", "fc.bias"}
+    frozen = plan.frozen_norms(0)
+    norms = [m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    assert len(frozen) == len(norms) > 0 and {id(m) for m in frozen} == {id(m) for m in norms}
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    set_train_mode(model, freeze_bn)
+    set_train_mode(model, frozen)
     optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
     batch = bright_vs_dark(8)
     loss = torch.nn.functional.cross_entropy(model(batch.images.float() / 255), batch.labels)
@@ -329,14 +325,15 @@ def test_linear_probe_trains_only_the_head_and_freezes_bn_statistics():
     assert changed == {"fc.weight", "fc.bias"}  # BN running statistics included: unchanged
 
     # control: the same forward pass in plain train mode does move the running statistics
-    set_train_mode(model, freeze_bn=False)
+    set_train_mode(model)
     model(batch.images.float() / 255)
     assert not torch.equal(model.bn1.running_mean, before["bn1.running_mean"])
 
-    assert apply_strategy(model, "full") is False
-    assert all(p.requires_grad for p in model.parameters())
+    full = FinetunePlan.from_config(model, FinetuneConfig(epochs=2, lr=0.1, strategy="full"))
+    assert full.apply(model, 0) == ("head", "layer3", "layer2", "layer1", "stem")
+    assert all(p.requires_grad for p in model.parameters()) and full.frozen_norms(0) == []
     with pytest.raises(ValueError, match="unknown fine-tuning strategy"):
-        apply_strategy(model, "everything")
+        start_epochs("everything", [0, 1, 2], lp_epochs=1, unfreeze_epochs=1)
 
 
 def test_replace_head_only_when_the_class_count_differs():

@@ -36,24 +36,20 @@ from resnet.engine import (
     evaluate,
     fit,
     rng_state,
-    save_model_file,
     seed_everything,
     set_determinism,
     set_rng_state,
     train_epoch,
 )
+from resnet.finetune import FinetunePlan
 from resnet.models import BasicBlock, ResNet, build_model
 
 TIMING_KEYS = ("images_per_sec", "epoch_seconds")
+# A linear probe: only the head trains and every BN layer keeps its running statistics.
+LINEAR_PROBE = FinetuneConfig(epochs=8, lr=1e-9, strategy="linear_probe")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """As in test_engine: one intra-op thread is several times faster than two competing ones here."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def recipe(**changes) -> PretrainConfig:
@@ -80,10 +76,11 @@ def bn_free() -> nn.Module:
     )
 
 
-def run_fit(model: nn.Module, optim, *, resume=None, freeze_bn=False, round_trip=False):
+def run_fit(model: nn.Module, optim, *, resume=None, finetune=None, round_trip=False):
     """fit on tiny_data; returns (returned model, per-epoch metrics, per-epoch states). States are deep
     copies (fit hands over live tensors), or with `round_trip` what `torch.save(asdict(state))` +
-    `torch.load(weights_only=True)` gives back, as the Ray checkpoint does."""
+    `torch.load(weights_only=True)` gives back, as the Ray checkpoint does. `finetune` (a FinetuneConfig):
+    fit with the plan it describes for `model`."""
     seen: list[dict] = []
     states: list[TrainState] = []
 
@@ -104,7 +101,7 @@ def run_fit(model: nn.Module, optim, *, resume=None, freeze_bn=False, round_trip
         NO_AUGMENT,
         device=CPU,
         resume=resume,
-        freeze_bn=freeze_bn,
+        plan=FinetunePlan.from_config(model, finetune) if finetune is not None else None,
         on_epoch_end=on_epoch_end,
     )
     return returned, seen, states
@@ -603,25 +600,32 @@ def test_early_stopping_patience_zero_never_stops():
 
 
 def test_fit_stops_early_when_the_metric_stops_improving_and_a_stopped_run_resumes_to_nothing():
-    """lr 1e-9 and frozen BN statistics: the validation accuracy cannot change, so the first epoch is the best
-    and the run must stop after patience + 1 = 3 of its 8 epochs."""
+    """lr 1e-9 on a linear probe (frozen backbone, BN statistics included): the validation accuracy cannot
+    change, so the first epoch is the best and the run must stop after patience + 1 = 3 of its 8 epochs."""
     optim = recipe(epochs=8, lr=1e-9, early_stopping_patience=2)
     torch.manual_seed(0)
     model = build_model("resnet20", 2)
-    _, seen, states = run_fit(model, optim, freeze_bn=True, round_trip=True)
+    initial = copy.deepcopy(model.state_dict())
+    _, seen, states = run_fit(model, optim, finetune=LINEAR_PROBE, round_trip=True)
     assert [m["epoch"] for m in seen] == [1, 2, 3]
     assert len({m["val_acc"] for m in seen}) == 1
     assert [s.stopped for s in states] == [False, False, True]
     assert states[-1].early_stopping == {"best": seen[0]["val_acc"], "epochs_without_improvement": 2}
 
     fresh = build_model("resnet20", 2)
-    returned, after, _ = run_fit(fresh, optim, freeze_bn=True, resume=states[-1])
+    returned, after, _ = run_fit(fresh, optim, finetune=LINEAR_PROBE, resume=states[-1])
     assert after == [] and returned is fresh
     assert_same_weights(fresh.state_dict(), model.state_dict())
 
     # resumed from epoch 2, the restored counter stops it after one more epoch
-    _, after, resumed_states = run_fit(build_model("resnet20", 2), optim, freeze_bn=True, resume=states[1])
+    resumed = build_model("resnet20", 2)
+    _, after, resumed_states = run_fit(resumed, optim, finetune=LINEAR_PROBE, resume=states[1])
     assert [m["epoch"] for m in after] == [3] and resumed_states[-1].stopped
+    # the backbone, BN running statistics included, is bit-identical to the start before and after the resume
+    # (at lr 1e-9 the head's bias steps may round away; its weight moves)
+    for weights in (model.state_dict(), resumed.state_dict()):
+        moved = [name for name, tensor in weights.items() if not torch.equal(tensor, initial[name])]
+        assert "fc.weight" in moved and set(moved) <= {"fc.weight", "fc.bias"}
 
 
 @pytest.mark.parametrize("metric, best", [("val_loss", min), ("val_acc", max)])
@@ -636,7 +640,7 @@ def test_fit_tracks_the_best_value_of_the_configured_metric_in_its_direction(met
 
 def test_fit_without_patience_runs_every_epoch():
     torch.manual_seed(0)
-    _, seen, states = run_fit(build_model("resnet20", 2), recipe(epochs=4, lr=1e-9), freeze_bn=True)
+    _, seen, states = run_fit(build_model("resnet20", 2), recipe(epochs=4, lr=1e-9), finetune=LINEAR_PROBE)
     assert [m["epoch"] for m in seen] == [1, 2, 3, 4] and not any(s.stopped for s in states)
 
 
@@ -828,24 +832,32 @@ def test_the_jobs_put_the_configured_dropout_in_the_model(tmp_path):
     from resnet.distributed import TrainJob, build_job_model
 
     pretrain = PretrainConfig(model="resnet20", dropout=0.3)
-    model, name, freeze_bn = build_job_model(
+    model, name, plan = build_job_model(
         TrainJob(data_dir=str(tmp_path), optim=pretrain.model_dump(), augment={}), num_classes=2
     )
-    assert (model.dropout.p, name, freeze_bn) == (0.3, "resnet20", False)
+    assert (model.dropout.p, name, plan) == (0.3, "resnet20", None)
 
-    save_model_file(
-        tmp_path / "m.pt", build_model("resnet20", 2), {"model_name": "resnet20", "num_classes": 2}
-    )
-    finetune = FinetuneConfig(dropout=0.25)
+    start = build_model("resnet20", 3)
+    finetune = FinetuneConfig(dropout=0.25, strategy="lp_ft", epochs=3, lp_epochs=2)
     job = TrainJob(
         data_dir=str(tmp_path),
         optim=finetune.model_dump(),
         augment={},
         kind="finetune",
-        init_from=str(tmp_path / "m.pt"),
+        init_weights={"model_name": "resnet20", "model": start.state_dict()},
     )
-    model, name, _ = build_job_model(job, num_classes=3)
+    model, name, plan = build_job_model(job, num_classes=3)
     assert (model.dropout.p, name, model.fc.out_features) == (0.25, "resnet20", 3)
+    assert_same_weights(model.state_dict(), start.state_dict())
+    # the plan is the configured strategy's, over the job's own model
+    assert [(g.name, g.start_epoch) for g in plan.groups] == [
+        ("head", 0),
+        ("layer3", 2),
+        ("layer2", 2),
+        ("layer1", 2),
+        ("stem", 2),
+    ]
+    assert plan.groups[0].modules == (model.fc,)
 
 
 # ---------------------------------------------------------------- config

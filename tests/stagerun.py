@@ -1,0 +1,40 @@
+"""What the integration tests that run stages as subprocesses share: a stage's environment and a poll."""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from pathlib import Path
+
+
+def stage_command(stage: str, work: Path, data: Path, **outputs: str) -> list[str]:
+    """`python -m pipelines.<stage>` with work/params.yaml, `data`, and `--name value` per output (under work)."""
+    command = [sys.executable, "-m", f"pipelines.{stage}", "--params", str(work / "params.yaml")]
+    command += ["--data", str(data)]
+    for option, name in outputs.items():
+        command += [f"--{option}", str(work / name)]
+    return command
+
+
+def stage_env(ray_address: str, work: Path, **extra: str) -> dict[str, str]:
+    """This process's environment for a stage run: the session's Ray cluster, an MLflow store in `work`."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "RAY_ADDRESS"))}
+    return env | {
+        "RAY_ADDRESS": ray_address,
+        "MLFLOW_TRACKING_URI": f"sqlite:///{work / 'mlflow.db'}",
+        "RESNET_PROGRESS": "0",
+        "PYTHONUNBUFFERED": "1",
+        **extra,
+    }
+
+
+def wait_for(condition, timeout: float, what: str, interval: float = 0.1):
+    """Poll `condition` until it returns something true (returned), or fail naming `what`."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = condition()
+        if value:
+            return value
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")

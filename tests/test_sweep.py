@@ -1,0 +1,273 @@
+"""The tune stage against a real (session) Ray cluster and a real MLflow store: a sweep whose driver is killed
+resumes when the stage runs again (finished trials are not re-run, the unfinished one continues from its
+checkpoint); an Optuna + ASHA sweep's table agrees with its MLflow child runs."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from stagerun import stage_command, stage_env, wait_for
+
+SNAPSHOT = "checkpoint_manager_snapshot.json"  # Ray Train's record of a run's registered checkpoints
+
+
+# ---------------------------------------------------------------- helpers without a cluster
+
+
+def test_split_draw_sends_each_key_to_its_section():
+    from resnet.sweep import split_draw
+
+    finetune, augment = split_draw({"lr": 0.1, "mixup_alpha": 0.2, "strategy": "lp_ft", "batch_size": 64})
+    assert finetune == {"lr": 0.1, "strategy": "lp_ft", "batch_size": 64}
+    assert augment == {"mixup_alpha": 0.2}
+
+
+def test_max_epochs_and_summary():
+    from resnet.config import parse_config
+    from resnet.sweep import max_epochs, sweep_summary
+
+    cfg = parse_config({"finetune": {"epochs": 6}})
+    assert max_epochs(cfg) == 6
+    space = {"epochs": {"distribution": "randint", "low": 2, "high": 9}}
+    assert max_epochs(parse_config({"tune": {"search_space": space}})) == 8
+    assert max_epochs(parse_config({"finetune": {"epochs": 6}, "tune": {"asha": {"max_epochs": 4}}})) == 4
+    table = [
+        {"epochs": 6, "stopped_early": False, "error": None},
+        {"epochs": 1, "stopped_early": True, "error": None},
+        {"epochs": 3, "stopped_early": True, "error": None},
+        {"epochs": 2, "stopped_early": False, "error": "RayTaskError"},
+    ]
+    assert sweep_summary(table, cfg) == {
+        "trials": 4,
+        "stopped_early": 2,
+        "failed": 1,
+        "trial_epochs": 12,
+        "budget_epochs": 24,
+        "epochs_fraction": 0.5,
+    }
+
+
+def test_trial_resources_count_workers_per_trial_and_gpus():
+    from resnet.config import parse_config
+    from resnet.sweep import trial_ray_config, trial_resources
+
+    cfg = parse_config({"ray": {"num_workers": 4, "cpus_per_worker": 2}, "tune": {"workers_per_trial": 3}})
+    assert trial_resources(cfg) == {"CPU": 6}
+    assert trial_ray_config(cfg).num_workers == 3
+    gpu = parse_config({"ray": {"num_workers": 2, "use_gpu": True, "gpus_per_worker": 0.5}})
+    assert trial_resources(gpu) == {"CPU": 2, "GPU": 1.0}
+
+
+# ---------------------------------------------------------------- against the session's Ray cluster
+
+
+@pytest.fixture(scope="module")
+def target(tiny_fractals, tmp_path_factory) -> dict:
+    """A tiny target (tests/conftest.py) and a 'pretrained' resnet20 file with 7 classes to start from."""
+    from resnet.engine import save_model_file
+    from resnet.models import build_model
+
+    torch.manual_seed(0)
+    weights = tmp_path_factory.mktemp("sweep") / "start.pt"
+    save_model_file(weights, build_model("resnet20", 7), {"model_name": "resnet20", "num_classes": 7})
+    return {"data": tiny_fractals, "weights": weights}
+
+
+def _params(work: Path, weights: Path, **tune) -> dict:
+    return {
+        "datasets": {"fractals": {"source": "fractals"}},
+        "finetune": {
+            "dataset": "fractals",
+            "pretrained": str(weights),  # a local model file with 7 classes: the head is replaced for 10
+            "epochs": 6,
+            "batch_size": 16,
+            "lr": 0.05,
+        },
+        "augment": {"crop_padding": 0},
+        "tune": {"workers_per_trial": 1, **tune},
+        "ray": {"storage_path": str(work / "ray"), "max_failures": 0},
+    }
+
+
+def _command(work: Path, data: Path) -> list[str]:
+    return stage_command("tune", work, data, out="models", table="sweep.csv", metrics="tune.json")
+
+
+def _registered_epoch(run_dir: Path) -> int:
+    """The last epoch Ray Train registered for a trial's run (0: none yet)."""
+    try:
+        snapshot = json.loads((run_dir / SNAPSHOT).read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        return 0
+    latest = snapshot.get("latest_checkpoint_result") or {}
+    return int((latest.get("metrics") or {}).get("epoch", 0))
+
+
+def _files(directory: Path) -> dict[str, float]:
+    return {str(p.relative_to(directory)): p.stat().st_mtime for p in directory.rglob("*") if p.is_file()}
+
+
+def _sweep_runs(work: Path):
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{work / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name("resnet-pipeline")
+    runs = client.search_runs([experiment.experiment_id])
+    parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
+    children = [r for r in runs if "mlflow.parentRunId" in r.data.tags]
+    return client, parents, children
+
+
+def _table(work: Path) -> list[dict[str, str]]:
+    with open(work / "sweep.csv", newline="") as handle:
+        return list(csv.DictReader(handle))
+
+
+@pytest.mark.integration
+def test_a_killed_sweep_resumes_finished_trials_kept_unfinished_continued(ray_address, target, tmp_path):
+    # One trial at a time and no early stopping (grace period = the full length), so that when the driver is
+    # killed one trial has finished, one is mid-run, and one has not started.
+    params = _params(
+        tmp_path, target["weights"], num_samples=3, max_concurrent_trials=1, asha={"grace_period": 6}
+    )
+    params["tune"]["search_space"] = {"lr": {"distribution": "loguniform", "low": 0.02, "high": 0.1}}
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    command, env = _command(tmp_path, target["data"]), stage_env(ray_address, tmp_path)
+    repo = Path(__file__).resolve().parent.parent
+
+    driver = subprocess.Popen(
+        command, cwd=repo, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
+    try:
+
+        def second_trial_mid_run() -> list[Path] | None:
+            runs = sorted(tmp_path.glob("ray/tune-*-trainers/*_0000[0-9]"))
+            if len(runs) >= 2 and _registered_epoch(runs[0]) == 6 and _registered_epoch(runs[1]) >= 2:
+                return runs
+            return None
+
+        runs = wait_for(
+            second_trial_mid_run, 420, "the first trial to finish and the second to save 2 epochs"
+        )
+        time.sleep(2.5)  # > the sweep's state-save period (resnet.sweep.STATE_SAVE_SECONDS)
+        driver.send_signal(signal.SIGKILL)  # the driver dies without any cleanup of its own
+        first_output, _ = driver.communicate(timeout=60)
+    finally:
+        driver.kill()
+    finished, interrupted = runs[0], runs[1]
+    killed_at = _registered_epoch(interrupted)
+    assert 2 <= killed_at < 6, first_output[-3000:]
+    assert not (tmp_path / "models" / "model.pt").exists()
+    finished_files = _files(finished)
+
+    again = subprocess.run(command, cwd=repo, env=env, capture_output=True, text=True, timeout=600)
+    output = again.stdout + again.stderr
+    assert again.returncode == 0, output[-5000:]
+    assert "resuming sweep" in output
+
+    # The finished trial was not run again: its Ray Train run is byte-for-byte what it was.
+    assert _files(finished) == finished_files
+    # The interrupted trial continued from its last registered epoch to the end, in the same run.
+    checkpoints = sorted(interrupted.glob("checkpoint_*/model.pt"))
+    last = torch.load(checkpoints[-1], weights_only=True)["meta"]["metrics"]
+    assert last["epoch"] == 6 and last["start_epoch"] == killed_at
+    trials = sorted(tmp_path.glob("ray/tune-*-trainers/*_0000[0-9]"))
+    assert len(trials) == 3 and _registered_epoch(trials[2]) == 6  # and the third ran
+
+    summary = json.loads((tmp_path / "tune.json").read_text())
+    assert summary["resumed"] is True and summary["trials"] == 3 and summary["trial_epochs"] == 18
+    table = _table(tmp_path)
+    assert sorted(row["trial_id"] for row in table) == sorted(path.name for path in trials)
+    assert all(row["epochs"] == "6" and row["stopped_early"] == "False" for row in table)
+
+    # MLflow: the sweep's run was reopened (one parent), each trial has one child run (the interrupted one
+    # was reopened too) with one curve point per epoch, and the resume is recorded where it happened.
+    client, parents, children = _sweep_runs(tmp_path)
+    assert len(parents) == 1 and parents[0].info.status == "FINISHED"
+    assert parents[0].data.tags["tune.resumed"] == "True"
+    assert len(children) == 3 and all(child.info.status == "FINISHED" for child in children)
+    by_trial = {child.data.tags["tune.trial_id"]: child for child in children}
+    for row in table:
+        history = client.get_metric_history(by_trial[row["trial_id"]].info.run_id, "train_loss")
+        assert sorted({m.step for m in history}) == list(range(1, 7))
+    resumed = client.get_metric_history(by_trial[interrupted.name].info.run_id, "resumed_from_epoch")
+    assert [m.value for m in resumed] == [killed_at]
+    assert not client.get_metric_history(by_trial[finished.name].info.run_id, "resumed_from_epoch")
+
+
+@pytest.mark.integration
+def test_an_optuna_asha_sweep_table_agrees_with_its_mlflow_child_runs(ray_address, target, tmp_path):
+    params = _params(
+        tmp_path,
+        target["weights"],
+        num_samples=4,
+        search="optuna",
+        seed=3,
+        asha={"grace_period": 1, "reduction_factor": 2, "max_epochs": 4},
+    )
+    params["finetune"] |= {"epochs": 4, "lp_epochs": 1}
+    params["tune"]["search_space"] = {
+        "lr": {"distribution": "loguniform", "low": 0.01, "high": 0.1},
+        "strategy": {"distribution": "choice", "values": ["full", "lp_ft", "gradual"]},
+        "lr_decay": {"distribution": "uniform", "low": 0.5, "high": 1.0},
+        "mixup_alpha": {"distribution": "choice", "values": [0.0, 0.2]},
+    }
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    repo = Path(__file__).resolve().parent.parent
+    done = subprocess.run(
+        _command(tmp_path, target["data"]),
+        cwd=repo,
+        env=stage_env(ray_address, tmp_path),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert done.returncode == 0, (done.stdout + done.stderr)[-5000:]
+    table = _table(tmp_path)
+    assert len(table) == 4
+    client, parents, children = _sweep_runs(tmp_path)
+    assert len(parents) == 1 and parents[0].data.params["tune.search"] == "optuna"
+    assert len(children) == 4
+    by_id = {child.info.run_id: child for child in children}
+    for row in table:
+        # Optuna's draws are inside the space, and the row and its child run say the same things.
+        assert 0.01 <= float(row["lr"]) <= 0.1 and row["strategy"] in ("full", "lp_ft", "gradual")
+        assert row["mixup_alpha"] in ("0.0", "0.2")
+        child = by_id[row["mlflow_run_id"]]
+        assert child.data.tags["tune.trial_id"] == row["trial_id"]
+        assert float(child.data.params["finetune.lr"]) == pytest.approx(float(row["lr"]))
+        assert child.data.params["finetune.strategy"] == row["strategy"]
+        assert float(child.data.params["augment.mixup_alpha"]) == float(row["mixup_alpha"])
+        curve = sorted(client.get_metric_history(child.info.run_id, "val_acc"), key=lambda m: m.step)
+        assert int(row["epochs"]) == int(child.data.tags["tune.epochs"])
+        # A stopped trial's workers may finish the epoch in flight when ASHA's stop arrives: logged, run, counted.
+        assert len(curve) == int(row["epochs_run"]) in (int(row["epochs"]), int(row["epochs"]) + 1)
+        seen = curve[: int(row["epochs"])]  # what ASHA judged
+        assert max(m.value for m in seen) == pytest.approx(float(row["best_val_acc"]))
+        assert child.data.metrics["best_val_acc"] == pytest.approx(float(row["best_val_acc"]))
+        assert child.data.tags["tune.stopped_early"] == row["stopped_early"]
+        assert (row["stopped_early"] == "True") == (int(row["epochs"]) < 4)
+        # Each layer group's LR is logged per epoch: the head at the drawn LR's schedule, the stem below it.
+        head, stem = (
+            client.get_metric_history(child.info.run_id, f"lr_{g}")[0].value for g in ("head", "stem")
+        )
+        if row["strategy"] == "full":
+            assert stem == pytest.approx(head * float(row["lr_decay"]) ** 4)
+        else:  # head-only first epoch
+            assert stem == 0.0 and head > 0
+    best = json.loads((tmp_path / "models" / "best.json").read_text())
+    top = max(table, key=lambda row: float(row["best_val_acc"]))
+    assert best["metrics"]["val_acc"] == pytest.approx(float(top["best_val_acc"]))
+    assert best["trial_id"] == top["trial_id"] and best["config"]["finetune"]["strategy"] == top["strategy"]
+    meta = torch.load(tmp_path / "models" / "model.pt", weights_only=True)["meta"]
+    assert meta["num_classes"] == 10 and meta["pretrained"] == str(target["weights"])
+    assert not math.isnan(json.loads((tmp_path / "tune.json").read_text())["best_val_acc"])
