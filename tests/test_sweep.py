@@ -271,3 +271,34 @@ def test_an_optuna_asha_sweep_table_agrees_with_its_mlflow_child_runs(ray_addres
     meta = torch.load(tmp_path / "models" / "model.pt", weights_only=True)["meta"]
     assert meta["num_classes"] == 10 and meta["pretrained"] == str(target["weights"])
     assert not math.isnan(json.loads((tmp_path / "tune.json").read_text())["best_val_acc"])
+
+
+@pytest.mark.integration
+def test_a_sweep_keeps_its_state_and_checkpoints_in_s3(ray_address, target, tmp_path, s3_env):
+    """`ray.storage_path: s3://…` on the S3 server: the Tune experiment and every trial's checkpoints are in the
+    bucket, nothing is on local disk, and the best model is read back from there."""
+    from resnet.data import s3
+
+    params = _params(tmp_path, target["weights"], num_samples=2)
+    params["finetune"]["epochs"] = 2
+    params["ray"]["storage_path"] = "s3://ray/sweeps"
+    params["tune"]["search_space"] = {"lr": {"distribution": "choice", "values": [0.05, 0.02]}}
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    done = subprocess.run(
+        _command(tmp_path, target["data"]),
+        cwd=Path(__file__).resolve().parent.parent,
+        env=stage_env(ray_address, tmp_path),  # carries the s3_env fixture's AWS_* variables
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert done.returncode == 0, (done.stdout + done.stderr)[-5000:]
+    keys = [key for key, _ in s3.list_objects("s3://ray/sweeps")]
+    assert any(key.rsplit("/", 1)[-1].startswith("experiment_state") for key in keys)  # what a resume reads
+    states = [key for key in keys if "-trainers/" in key and key.endswith("/state.pt")]
+    assert len({key.split("-trainers/")[1].split("/")[0] for key in states}) == 2  # both trials' runs
+    assert not list(tmp_path.glob("**/checkpoint_*"))  # nothing on local disk
+    best = json.loads((tmp_path / "models" / "best.json").read_text())
+    assert best["checkpoint"].startswith("ray/sweeps/")  # a path in the bucket (on the S3 filesystem)
+    meta = torch.load(tmp_path / "models" / "model.pt", weights_only=True)["meta"]
+    assert meta["metrics"]["val_acc"] == pytest.approx(best["metrics"]["val_acc"])
