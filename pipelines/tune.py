@@ -52,7 +52,14 @@ def run(args: argparse.Namespace) -> None:
     from resnet.errors import PipelineError
     from resnet.io import write_csv, write_json
     from resnet.pretrained import describe_source, load_pretrained
-    from resnet.sweep import best_checkpoint_path, close_trial_runs, run_sweep, sweep_summary, sweep_table
+    from resnet.sweep import (
+        best_checkpoint_path,
+        close_trial_runs,
+        run_sweep,
+        split_draw,
+        sweep_summary,
+        sweep_table,
+    )
     from resnet.tracking import start_stage_run
 
     args.data = args.data or default_prepared_dir(cfg.finetune.dataset)
@@ -109,13 +116,14 @@ def run(args: argparse.Namespace) -> None:
             Checkpoint(checkpoint_path, filesystem=storage.filesystem), Path(args.out) / MODEL_FILE
         )
         best_row = next(row for row in table if row["trial_id"] == best_epoch["trial_id"])
+        finetune_draw, augment_draw = split_draw(best.config or {})
         record = {
             "trial_id": best_row["trial_id"],
             "mlflow_run_id": best_row.get("mlflow_run_id"),
             "epoch": int(best_epoch["epoch"]),
             "config": {
-                "finetune": meta_config(cfg.finetune.model_dump(), best.config, "finetune"),
-                "augment": meta_config(cfg.augment.model_dump(), best.config, "augment"),
+                "finetune": cfg.finetune.model_dump() | finetune_draw,
+                "augment": cfg.augment.model_dump() | augment_draw,
             },
             "metrics": meta["metrics"],
             "checkpoint": checkpoint_path,
@@ -137,13 +145,6 @@ def run(args: argparse.Namespace) -> None:
     print(
         f"{STAGE}: best trial {best_row['trial_id']} epoch {record['epoch']}: {best.config} → {args.out}/{MODEL_FILE}"
     )
-
-
-def meta_config(section: dict, sampled: dict, name: str) -> dict:
-    """A section of the best trial's config: the params' values with the sampled ones of that section."""
-    from resnet.config import searchable_section
-
-    return section | {k: v for k, v in (sampled or {}).items() if searchable_section(k) == name}
 
 
 def main(argv=None) -> int:

@@ -40,6 +40,7 @@ from torch.overrides import TorchFunctionMode
 
 from resnet import weights as tv_weights
 from resnet.errors import PipelineError
+from resnet.finetune import replace_head
 from resnet.models import MODELS, ResNet, available_models, build_model, load_torchvision_state_dict
 
 __all__ = [
@@ -189,8 +190,7 @@ def load_pretrained(
 
     digest = state_dict_digest(net.state_dict())
     num_pretrained = net.fc.out_features
-    if num_pretrained != num_classes:
-        net.reset_classifier(num_classes)
+    replace_head(net, num_classes)
     net.train()
     return Pretrained(
         model=net, model_name=name, source=source, digest=digest, num_pretrained_classes=num_pretrained
