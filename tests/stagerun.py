@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -15,6 +16,18 @@ def stage_command(stage: str, work: Path, data: Path, **outputs: str) -> list[st
     for option, name in outputs.items():
         command += [f"--{option}", str(work / name)]
     return command
+
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def run_stage_ok(command: list[str], env: dict[str, str], timeout: float = 600) -> str:
+    """Run a stage command from the repository root; fail with its output's tail unless it exits 0. Returns
+    its stdout and stderr together."""
+    done = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+    output = done.stdout + done.stderr
+    assert done.returncode == 0, output[-5000:]
+    return output
 
 
 def stage_env(ray_address: str, work: Path, **extra: str) -> dict[str, str]:

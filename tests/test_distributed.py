@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from stagerun import stage_command, stage_env, wait_for
+from stagerun import run_stage_ok, stage_command, stage_env, wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -141,9 +141,7 @@ def test_a_stopped_pretrain_stage_resumes_its_run_when_started_again(
     last_saved = snapshot["latest_checkpoint_result"]["metrics"]["epoch"]
     assert 1 <= last_saved < EPOCHS
 
-    again = subprocess.run(command, cwd=repo_root, env=env, capture_output=True, text=True, timeout=600)
-    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
-    output = again.stdout + again.stderr
+    output = run_stage_ok(command, env)
     assert f"Ray Train run {run_dir.name}" in output  # the same run name: derived from config, data, code
     assert "resuming after epoch" in output, first_output[-6000:] + "\n=====\n" + output[-6000:]
     metrics = json.loads((tmp_path / "metrics.json").read_text())
@@ -164,24 +162,14 @@ def test_a_stopped_pretrain_stage_resumes_its_run_when_started_again(
     assert [m.value for m in resumed] == [meta["metrics"]["start_epoch"]]
 
 
-def test_checkpoints_land_in_s3_when_the_storage_path_is_s3(
-    ray_address, prepared, tmp_path, repo_root, s3_env
-):
+def test_checkpoints_land_in_s3_when_the_storage_path_is_s3(ray_address, prepared, tmp_path, s3_env):
     """The stage's Ray run writes its checkpoints to the S3 server (the workers get the endpoint and keys
     from the driver through runtime_env), and the stage reads the best one back from there."""
     from resnet.data import s3
 
     _write_params(tmp_path / "params.yaml", "s3://ray/runs", 2)
     env = stage_env(ray_address, tmp_path)  # carries the s3_env fixture's AWS_* variables
-    result = subprocess.run(
-        _pretrain_command(tmp_path, prepared),
-        cwd=repo_root,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    run_stage_ok(_pretrain_command(tmp_path, prepared), env)
     keys = [key for key, _ in s3.list_objects("s3://ray/runs")]
     states = [key for key in keys if key.endswith("/state.pt")]
     assert len(states) == 2  # two epochs, ray.checkpoints_to_keep (2) kept

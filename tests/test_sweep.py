@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from stagerun import stage_command, stage_env, wait_for
+from stagerun import REPO, run_stage_ok, stage_command, stage_env, wait_for
 
 SNAPSHOT = "checkpoint_manager_snapshot.json"  # Ray Train's record of a run's registered checkpoints
 
@@ -142,10 +142,9 @@ def test_a_killed_sweep_resumes_finished_trials_kept_unfinished_continued(ray_ad
     params["tune"]["search_space"] = {"lr": {"distribution": "loguniform", "low": 0.02, "high": 0.1}}
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
     command, env = _command(tmp_path, target["data"]), stage_env(ray_address, tmp_path)
-    repo = Path(__file__).resolve().parent.parent
 
     driver = subprocess.Popen(
-        command, cwd=repo, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+        command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
     )
     try:
 
@@ -169,10 +168,7 @@ def test_a_killed_sweep_resumes_finished_trials_kept_unfinished_continued(ray_ad
     assert not (tmp_path / "models" / "model.pt").exists()
     finished_files = _files(finished)
 
-    again = subprocess.run(command, cwd=repo, env=env, capture_output=True, text=True, timeout=600)
-    output = again.stdout + again.stderr
-    assert again.returncode == 0, output[-5000:]
-    assert "resuming sweep" in output
+    assert "resuming sweep" in run_stage_ok(command, env)
 
     # The finished trial was not run again: its Ray Train run is byte-for-byte what it was.
     assert _files(finished) == finished_files
@@ -222,16 +218,7 @@ def test_an_optuna_asha_sweep_table_agrees_with_its_mlflow_child_runs(ray_addres
         "mixup_alpha": {"distribution": "choice", "values": [0.0, 0.2]},
     }
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
-    repo = Path(__file__).resolve().parent.parent
-    done = subprocess.run(
-        _command(tmp_path, target["data"]),
-        cwd=repo,
-        env=stage_env(ray_address, tmp_path),
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert done.returncode == 0, (done.stdout + done.stderr)[-5000:]
+    run_stage_ok(_command(tmp_path, target["data"]), stage_env(ray_address, tmp_path))
     table = _table(tmp_path)
     assert len(table) == 4
     client, parents, children = _sweep_runs(tmp_path)
@@ -284,15 +271,8 @@ def test_a_sweep_keeps_its_state_and_checkpoints_in_s3(ray_address, target, tmp_
     params["ray"]["storage_path"] = "s3://ray/sweeps"
     params["tune"]["search_space"] = {"lr": {"distribution": "choice", "values": [0.05, 0.02]}}
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
-    done = subprocess.run(
-        _command(tmp_path, target["data"]),
-        cwd=Path(__file__).resolve().parent.parent,
-        env=stage_env(ray_address, tmp_path),  # carries the s3_env fixture's AWS_* variables
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert done.returncode == 0, (done.stdout + done.stderr)[-5000:]
+    # The stage's environment carries the s3_env fixture's AWS_* variables.
+    run_stage_ok(_command(tmp_path, target["data"]), stage_env(ray_address, tmp_path))
     keys = [key for key, _ in s3.list_objects("s3://ray/sweeps")]
     assert any(key.rsplit("/", 1)[-1].startswith("experiment_state") for key in keys)  # what a resume reads
     states = [key for key in keys if "-trainers/" in key and key.endswith("/state.pt")]
