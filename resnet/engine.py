@@ -11,9 +11,12 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import io
 import math
 import os
+import queue
 import random
+import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
@@ -33,46 +36,52 @@ from resnet.models import build_model
 
 
 class EpochStats:
-    """Loss and accuracy sums over an epoch. Per-step values stay on the device and are summed once at the
-    end: reading a GPU scalar every step (`float(loss)`) would make the host wait for the GPU each step."""
+    """Loss and accuracy sums over an epoch, kept on the training device: per-step values are added there and
+    read back once at the end (reading a GPU scalar every step, `float(loss)`, would make the host wait for
+    the GPU each step), and the end-of-epoch all-reduce sums a tensor on that device, as NCCL requires (it
+    reduces CUDA tensors only; gloo takes CPU ones)."""
 
-    def __init__(self) -> None:
+    def __init__(self, device: torch.device | str = "cpu") -> None:
+        self.device = torch.device(device)
         self.count = 0
-        self._loss_sum, self._correct = 0.0, 0
-        self._pending: list[torch.Tensor] = []  # per step: (loss × images, correct), on the device
+        self._sums = torch.zeros(2, dtype=torch.float64, device=self.device)  # (loss × images, correct)
+        self._result: tuple[float, int] | None = None
 
     def add(self, loss: torch.Tensor, logits: torch.Tensor, targets: torch.Tensor) -> None:
         """`targets`: class indices, or (mixup/cutmix) class probabilities, counted by their largest class."""
         labels = hard_labels(targets)
         correct = (logits.argmax(1) == labels).sum()
-        self._pending.append(torch.stack([loss.detach().double() * len(labels), correct.double()]))
+        self._sums += torch.stack([loss.detach().double() * len(labels), correct.double()])
         self.count += len(labels)
+        self._result = None
 
-    def _flush(self) -> None:
-        if self._pending:
-            totals = torch.stack(self._pending).sum(0).cpu()
-            self._loss_sum += float(totals[0])
-            self._correct += int(totals[1])
-            self._pending.clear()
+    def _totals(self) -> torch.Tensor:
+        """(loss sum, correct, count) as one float64 tensor on the device."""
+        count = torch.tensor([self.count], dtype=torch.float64, device=self.device)
+        return torch.cat([self._sums, count])
+
+    def all_reduce(self) -> EpochStats:
+        """Sum over all ranks (a no-op outside torch.distributed), then read the totals back once."""
+        totals = self._totals()
+        if dist.is_available() and dist.is_initialized():
+            dist.all_reduce(totals)
+        loss_sum, correct, count = totals.tolist()
+        self._result, self.count = (loss_sum, int(correct)), int(count)
+        return self
+
+    def _read(self) -> tuple[float, int]:
+        if self._result is None:
+            loss_sum, correct = self._sums.tolist()
+            self._result = (loss_sum, int(correct))
+        return self._result
 
     @property
     def loss_sum(self) -> float:
-        self._flush()
-        return self._loss_sum
+        return self._read()[0]
 
     @property
     def correct(self) -> int:
-        self._flush()
-        return self._correct
-
-    def all_reduce(self) -> EpochStats:
-        """Sum over all ranks (a no-op outside torch.distributed)."""
-        self._flush()
-        if dist.is_available() and dist.is_initialized():
-            totals = torch.tensor([self._loss_sum, self._correct, self.count], dtype=torch.float64)
-            dist.all_reduce(totals)
-            self._loss_sum, self._correct, self.count = float(totals[0]), int(totals[1]), int(totals[2])
-        return self
+        return self._read()[1]
 
     @property
     def loss(self) -> float:
@@ -81,6 +90,60 @@ class EpochStats:
     @property
     def accuracy(self) -> float:
         return self.correct / max(self.count, 1)
+
+
+def to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A host tensor on `device`. For a GPU the copy is asynchronous from pinned (page-locked) memory:
+    `non_blocking=True` from ordinary pageable memory copies synchronously."""
+    if device.type == "cuda" and tensor.device.type == "cpu":
+        return tensor.pin_memory().to(device, non_blocking=True)
+    return tensor.to(device)
+
+
+def prefetch(items: Iterable[Any], depth: int) -> Iterator[Any]:
+    """Yield `items` in order, computing up to `depth` of them ahead in a background thread (0: inline).
+
+    On a GPU the next batch's augmentation runs on the CPU while the GPU computes the current step: torch
+    releases the GIL inside its kernels, so the two overlap. One producer keeps the order (and so every seeded
+    draw) exactly what it is without prefetching; an exception in the producer is raised here."""
+    if depth <= 0:
+        yield from items
+        return
+    done = object()
+    buffer: queue.Queue = queue.Queue(maxsize=depth)
+    stop = threading.Event()
+
+    def put(entry: tuple[Any, BaseException | None]) -> bool:
+        while not stop.is_set():
+            try:
+                buffer.put(entry, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False  # the consumer has gone
+
+    def produce() -> None:
+        try:
+            for item in items:
+                if not put((item, None)):
+                    return
+            put((done, None))
+        except BaseException as exc:  # handed to the consumer, which raises it
+            put((done, exc))
+
+    worker = threading.Thread(target=produce, name="prefetch", daemon=True)
+    worker.start()
+    try:
+        while True:
+            item, error = buffer.get()
+            if item is done:
+                if error is not None:
+                    raise error
+                return
+            yield item
+    finally:
+        stop.set()
+        worker.join(timeout=5)
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
@@ -224,6 +287,8 @@ class EarlyStopping:
         self.best, self.epochs_without_improvement = state["best"], state["epochs_without_improvement"]
 
 
+PREFETCH_BATCHES = 2  # training batches prepared ahead on the host while a GPU computes
+
 AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
@@ -351,19 +416,20 @@ def train_epoch(
     precision: str = "fp32",
     channels_last: bool = False,
     frozen_norms: Iterable[nn.Module] = (),
+    prefetch_batches: int = 0,
 ) -> EpochStats:
-    """One pass over `batches` of uint8 images: augment on the CPU, normalise on the device, forward in
-    `precision`, and an optimiser update every `stepper.accumulate_steps` micro-batches (and at the end).
-    Under DDP the gradient all-reduce runs only on the micro-batch that completes an update. Metrics are
-    summed over all ranks."""
+    """One pass over `batches` of uint8 images: augment on the CPU (`prefetch_batches` ahead in a background
+    thread, in pinned memory on a GPU), normalise on the device, forward in `precision`, and an optimiser
+    update every `stepper.accumulate_steps` micro-batches (and at the end). Under DDP the gradient all-reduce
+    runs only on the micro-batch that completes an update. Metrics are summed over all ranks."""
     set_train_mode(net, frozen_norms)
     memory_format = torch.channels_last if channels_last else torch.contiguous_format
-    stats = EpochStats()
+    stats = EpochStats(device)
     in_group = 0
-    for (images, labels), last in _mark_last(batches):
-        images, targets = augment(images, labels, generator)
-        images = normalize(images.to(device, non_blocking=True)).contiguous(memory_format=memory_format)
-        targets = targets.to(device, non_blocking=True)
+    host_batches = _augmented(batches, augment, generator, pin=device.type == "cuda")
+    for (images, targets), last in _mark_last(prefetch(host_batches, prefetch_batches)):
+        images = normalize(to_device(images, device)).contiguous(memory_format=memory_format)
+        targets = to_device(targets, device)
         in_group += 1
         updates = in_group == stepper.accumulate_steps or last
         sync = contextlib.nullcontext()
@@ -382,6 +448,13 @@ def train_epoch(
     return stats.all_reduce()
 
 
+def _augmented(batches, augment: BatchAugment, generator: torch.Generator, *, pin: bool):
+    """Training batches after augmentation (float images, hard or soft targets), still on the host."""
+    for images, labels in batches:
+        images, targets = augment(images, labels, generator)
+        yield (images.pin_memory(), targets.pin_memory()) if pin else (images, targets)
+
+
 @torch.no_grad()
 def evaluate(
     model: nn.Module,
@@ -396,10 +469,10 @@ def evaluate(
     """Loss and accuracy over all ranks' shards; fills `confusion[true, predicted]` if given (this rank only)."""
     model.eval()
     memory_format = torch.channels_last if channels_last else torch.contiguous_format
-    stats = EpochStats()
+    stats = EpochStats(device)
     for images, labels in batches:
-        images = normalize(images.to(device)).contiguous(memory_format=memory_format)
-        labels = labels.to(device)
+        images = normalize(to_device(images, device)).contiguous(memory_format=memory_format)
+        labels = to_device(labels, device)
         with autocast(device, precision):
             logits = model(images).float()
         stats.add(nn.functional.cross_entropy(logits, labels), logits, labels)
@@ -451,12 +524,13 @@ def fit(
     holds the live tensors, so save or copy it there rather than keep it. Returns the trained model: the
     EMA of the weights when `optim.ema_decay` > 0, else `model` itself (unwrapped).
     """
-    micro_batch = optim.batch_size // (world_size * optim.accumulate_steps)
-    if micro_batch < 1:
+    parts = world_size * optim.accumulate_steps
+    if optim.batch_size % parts:
         raise ValueError(
-            f"batch_size {optim.batch_size} is smaller than world_size × accumulate_steps "
-            f"({world_size} × {optim.accumulate_steps})"
+            f"batch_size {optim.batch_size} is not a multiple of world_size × accumulate_steps "
+            f"({world_size} × {optim.accumulate_steps}): the micro-batches would not add up to it"
         )
+    micro_batch = optim.batch_size // parts
     set_determinism(optim.deterministic)
     memory_format = torch.channels_last if optim.channels_last else torch.contiguous_format
     model.to(device, memory_format=memory_format)
@@ -525,6 +599,9 @@ def fit(
             precision=optim.precision,
             channels_last=optim.channels_last,
             frozen_norms=plan.frozen_norms(epoch) if plan is not None else (),
+            # A GPU would wait for the host's augmentation of each batch: prepare the next ones meanwhile.
+            # A CPU has no spare cores for it here (the workers already use them all).
+            prefetch_batches=PREFETCH_BATCHES if device.type == "cuda" else 0,
         )
         train_seconds = time.perf_counter() - started
         val_batches = data.val_batches(256, rank=rank, world_size=world_size)
@@ -558,6 +635,7 @@ def fit(
                 group_lrs[group["name"]] = max(group_lrs.get(group["name"], 0.0), lr if trains else 0.0)
             metrics |= {f"lr_{name}": lr for name, lr in group_lrs.items()}
             metrics["trainable_params"] = sum(p.numel() for p in model.parameters() if p.requires_grad)
+            metrics["backbone_epochs"] = plan.backbone_epochs(epoch + 1)
         if ema is not None:  # the live weights too, to see what averaging gains
             live = evaluate(
                 net,
@@ -601,10 +679,14 @@ def _wrap(model: nn.Module, world_size: int, compile: bool, *, rewrap: bool) -> 
 def save_model_file(path: str | Path, model: nn.Module | dict[str, Any], meta: dict[str, Any]) -> None:
     """Weights (a model or its state dict) plus what is needed to rebuild and feed the model (name, classes,
     normalisation), written to a temporary file and renamed, so a reader never sees half a file. Loadable
-    with `weights_only=True`."""
+    with `weights_only=True`. The same weights and meta give the same bytes (torch.save names the archive
+    inside after the file it writes, here a random temporary name, so it saves to memory first), so that DVC
+    sees an unchanged output as unchanged and does not re-run what depends on it."""
     weights = model.state_dict() if isinstance(model, nn.Module) else model
+    buffer = io.BytesIO()
+    torch.save({"meta": meta, "model": weights}, buffer)
     with atomic_path(path) as tmp:
-        torch.save({"meta": meta, "model": weights}, tmp)
+        tmp.write_bytes(buffer.getvalue())
 
 
 def load_model_file(path: str | Path, map_location: str | torch.device = "cpu") -> tuple[nn.Module, dict]:

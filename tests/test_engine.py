@@ -15,12 +15,17 @@ from resnet.data.augment import BatchAugment
 from resnet.data.loading import Normalize, PreparedData, Split
 from resnet.engine import (
     EpochStats,
+    Stepper,
     TrainState,
+    build_optimizer,
+    build_scheduler,
     fit,
     load_model_file,
     param_groups,
+    prefetch,
     save_model_file,
     set_train_mode,
+    train_epoch,
     warmup_cosine,
 )
 from resnet.finetune import FinetunePlan, replace_head, start_epochs
@@ -50,7 +55,9 @@ def tiny_data() -> PreparedData:
     return PreparedData(["dark", "bright"], (0.47,) * 3, (0.25,) * 3, "hash", splits)
 
 
-OPTIM = PretrainConfig(model="resnet20", epochs=3, batch_size=16, lr=0.05, seed=0)
+OPTIM = PretrainConfig(
+    model="resnet20", epochs=3, batch_size=16, lr=0.05, seed=0, warmup_epochs=0, channels_last=False
+)
 NO_AUGMENT = AugmentConfig(crop_padding=0, hflip=False)
 
 
@@ -83,6 +90,124 @@ def test_epoch_stats_count_soft_targets_by_their_largest_class():
     assert (stats.count, stats.correct) == (3, 2)
     stats.add(torch.tensor(0.5), logits, torch.tensor([0, 1, 1]))  # hard labels as before
     assert (stats.count, stats.correct) == (6, 4) and stats.loss == pytest.approx(0.5)
+
+
+class _CollectiveCalled(Exception):
+    """Stops a spied collective (the meta device has no data to read back)."""
+
+
+def test_epoch_stats_all_reduce_sums_a_tensor_on_the_training_device(monkeypatch):
+    """NCCL reduces only CUDA tensors: the end-of-epoch all-reduce must use a tensor on the device the model
+    trains on, never a host copy. The meta device stands in for a GPU: any copy to the CPU fails there."""
+    import resnet.engine as engine
+
+    seen: list[torch.Tensor] = []
+
+    def all_reduce(tensor, *args, **kwargs):
+        seen.append(tensor)
+        raise _CollectiveCalled
+
+    monkeypatch.setattr(engine.dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(engine.dist, "all_reduce", all_reduce)
+    meta = torch.device("meta")
+    stats = EpochStats(meta)
+    logits = torch.zeros(4, 10, device=meta)
+    stats.add(torch.zeros((), device=meta), logits, torch.zeros(4, dtype=torch.long, device=meta))
+    with pytest.raises(_CollectiveCalled):
+        stats.all_reduce()
+    assert [(t.device, t.dtype, tuple(t.shape)) for t in seen] == [(meta, torch.float64, (3,))]
+
+
+def test_every_collective_of_an_epoch_uses_the_model_device(monkeypatch, tmp_path):
+    """A whole training epoch and a validation pass under a (one-process) process group: every tensor handed to
+    a collective is on the device the model is on, and the reduced metrics are what was counted."""
+    import torch.distributed as dist
+
+    import resnet.engine as engine
+
+    calls: list[tuple[str, torch.device]] = []
+    real_all_reduce = dist.all_reduce
+
+    def spy_all_reduce(tensor, *args, **kwargs):
+        calls.append(("all_reduce", tensor.device))
+        return real_all_reduce(tensor, *args, **kwargs)
+
+    monkeypatch.setattr(engine.dist, "all_reduce", spy_all_reduce)
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'pg'}", rank=0, world_size=1)
+    try:
+        torch.manual_seed(0)
+        model = build_model("resnet20", 2)
+        net = torch.nn.parallel.DistributedDataParallel(model)
+        optimizer = build_optimizer(model, OPTIM)
+        stepper = Stepper(
+            model, optimizer, build_scheduler(optimizer, OPTIM, 4), torch.amp.GradScaler("cpu", enabled=False)
+        )
+        data = tiny_data()
+        normalize = Normalize(data.mean, data.std)
+        batches = data.train_epoch(16, epoch=0, seed=0)
+        trained = train_epoch(
+            net,
+            batches,
+            stepper,
+            normalize,
+            BatchAugment(num_classes=2, crop_padding=0),
+            device=CPU,
+            generator=torch.Generator().manual_seed(0),
+        )
+        from resnet.engine import evaluate
+
+        validated = evaluate(model, data.val_batches(256), normalize, device=CPU)
+    finally:
+        dist.destroy_process_group()
+    device = next(model.parameters()).device
+    assert calls == [("all_reduce", device), ("all_reduce", device)]
+    assert (trained.count, validated.count) == (64, 32)
+
+
+def test_prefetch_yields_every_item_in_order_and_raises_the_producer_error():
+    assert list(prefetch(iter(range(50)), depth=2)) == list(range(50))
+    assert list(prefetch(iter(range(5)), depth=0)) == list(range(5))
+
+    def failing():
+        yield 1
+        raise ValueError("decode failed")
+
+    out = []
+    with pytest.raises(ValueError, match="decode failed"):
+        for item in prefetch(failing(), depth=2):
+            out.append(item)
+    assert out == [1]
+    partial = prefetch(iter(range(1000)), depth=2)
+    assert next(partial) == 0
+    partial.close()  # the consumer stops early: the producer thread ends instead of blocking
+
+
+def test_training_with_prefetched_batches_is_bit_identical():
+    """The background thread only moves augmentation ahead in time: same seeded draws, same weights."""
+
+    def weights_after_epoch(prefetch_batches: int) -> dict:
+        torch.manual_seed(0)
+        model = build_model("resnet20", 2)
+        optimizer = build_optimizer(model, OPTIM)
+        stepper = Stepper(
+            model, optimizer, build_scheduler(optimizer, OPTIM, 4), torch.amp.GradScaler("cpu", enabled=False)
+        )
+        data = tiny_data()
+        stats = train_epoch(
+            model,
+            data.train_epoch(16, epoch=0, seed=0),
+            stepper,
+            Normalize(data.mean, data.std),
+            BatchAugment(num_classes=2, crop_padding=4, hflip=True, mixup_alpha=0.2),
+            device=CPU,
+            generator=torch.Generator().manual_seed(0),
+            prefetch_batches=prefetch_batches,
+        )
+        return model.state_dict() | {"loss": torch.tensor(stats.loss)}
+
+    inline, ahead = weights_after_epoch(0), weights_after_epoch(2)
+    assert inline.keys() == ahead.keys()
+    assert all(torch.equal(inline[key], ahead[key]) for key in inline)
 
 
 def test_warmup_then_cosine_schedule():
@@ -123,6 +248,15 @@ def test_no_weight_decay_on_norm_and_bias():
     assert {id(model.bn1.weight), id(model.bn1.bias), id(model.fc.bias)} <= ids(no_decay["params"])
     assert id(model.conv1.weight) not in ids(decay["params"]) | ids(no_decay["params"])
     assert decay["weight_decay"] == 5e-4 and no_decay["weight_decay"] == 0.0
+
+
+def test_fit_refuses_a_batch_that_does_not_split_into_equal_micro_batches():
+    model = build_model("resnet20", 2)
+    optim = OPTIM.model_copy(update={"batch_size": 33, "accumulate_steps": 2})
+    with pytest.raises(
+        ValueError, match=r"batch_size 33 is not a multiple of world_size × accumulate_steps \(1 × 2\)"
+    ):
+        fit(model, tiny_data(), optim, NO_AUGMENT, device=CPU)
 
 
 def test_fit_learns_and_reports_every_epoch():
@@ -269,6 +403,16 @@ def model_meta(**changes) -> dict:
         "mean": [0.5] * 3,
         "std": [0.2] * 3,
     } | changes
+
+
+def test_model_file_bytes_depend_only_on_weights_and_meta(tmp_path):
+    """DVC compares outputs by their bytes: saving the same model twice (each through its own temporary file)
+    must give identical files, or an unchanged stage output would re-run everything downstream."""
+    torch.manual_seed(0)
+    model = build_model("resnet20", 2)
+    save_model_file(tmp_path / "a" / "model.pt", model, model_meta())
+    save_model_file(tmp_path / "b" / "model.pt", model, model_meta())
+    assert (tmp_path / "a" / "model.pt").read_bytes() == (tmp_path / "b" / "model.pt").read_bytes()
 
 
 def test_model_file_round_trip(tmp_path):
