@@ -15,7 +15,7 @@ import math
 import re
 import warnings
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -61,8 +61,8 @@ class SplitConfig(Section):
 class FractalsConfig(Section):
     """The `fractals` source: IFS classes rendered by the chaos game, determined by `seed`."""
 
-    num_classes: int = Field(10, ge=2, le=10_000)
-    per_class: int = Field(100, ge=3, le=100_000)
+    num_classes: int = Field(50, ge=2, le=10_000)
+    per_class: int = Field(40, ge=3, le=100_000)
     seed: int = Field(0, ge=0)
     points: int = Field(1500, ge=100, le=1_000_000)  # chaos-game iterations per image
     jitter: float = Field(0.1, ge=0, le=0.5)  # relative per-image perturbation of the maps
@@ -112,7 +112,7 @@ class DatasetConfig(Section):
 
 DEFAULT_DATASETS = {
     # The offline default: pretrain on formula-driven fractals (the stand-in for ImageNet), fine-tune on digits.
-    "fractals": DatasetConfig(source="fractals"),
+    "fractals": DatasetConfig(source="fractals", split=SplitConfig(val=0.1, test=0.1)),
     "digits": DatasetConfig(source="digits"),
 }
 
@@ -165,7 +165,7 @@ class OptimizerConfig(Section):
     )  # micro-batches per optimiser step (same maths, less memory)
     # bf16, or fp16 with a gradient scaler: autocast on GPU (CPU autocast works but is rarely faster)
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
-    channels_last: bool = False  # NHWC memory format: faster convolutions on CPU (oneDNN) and tensor cores
+    channels_last: bool = True  # NHWC memory format: faster convolutions on CPU (oneDNN) and tensor cores
     compile: bool = False  # torch.compile the model (first epoch pays the compilation)
     ema_decay: float = Field(0.0, ge=0, lt=1)  # > 0: validate, checkpoint and hand on an EMA of the weights
     metric: Literal["val_acc", "val_loss"] = "val_acc"  # picks the best checkpoints; drives early stopping
@@ -202,6 +202,7 @@ class PretrainConfig(OptimizerConfig):
     model: str = "resnet20"
     epochs: int = Field(6, ge=1, le=10_000)
     lr: float = Field(0.1, gt=0, le=10)
+    warmup_epochs: int = Field(1, ge=0)
     zero_init_residual: bool = False
     seed: int = Field(0, ge=0)
 
@@ -246,7 +247,7 @@ class FinetuneConfig(OptimizerConfig):
     # Each backbone group's LR rises linearly from 0 over this many epochs after it starts training (the head
     # starts at full LR): a fresh head's large early gradients do not wreck the pretrained features.
     backbone_warmup_epochs: int = Field(0, ge=0)
-    epochs: int = Field(4, ge=1, le=10_000)
+    epochs: int = Field(9, ge=1, le=10_000)
     lr: float = Field(0.02, gt=0, le=10)
     seed: int = Field(0, ge=0)
 
@@ -342,18 +343,14 @@ class AshaConfig(Section):
     """ASHA early stopping: a trial must survive `grace_period` epochs; each rung keeps 1/reduction_factor."""
 
     grace_period: int = Field(1, ge=1)
-    reduction_factor: float = Field(2.0, gt=1)
-    # The epoch at which a trial has run to the end (ASHA's max_t); null: finetune.epochs, or the largest
-    # value search_space.epochs can draw.
+    reduction_factor: float = Field(3.0, gt=1)
+    # What a rung counts: epoch | backbone_epochs (epochs in which the backbone trained: a head-only phase,
+    # lp_ft's and gradual's first lp_epochs, does not count, so such a trial is first compared with the
+    # others after it has fine-tuned as long as they have, not while only its new head trains).
+    clock: Literal["epoch", "backbone_epochs"] = "epoch"
+    # The epoch at which a trial has run to the end (ASHA's max_t). It is the trial's length, so it must be
+    # null (the default: finetune.epochs, or the largest value search_space.epochs can draw) or equal to it.
     max_epochs: int | None = Field(None, ge=1)
-
-    @model_validator(mode="after")
-    def _grace_within_max(self):
-        if self.max_epochs is not None and self.grace_period > self.max_epochs:
-            raise ValueError(
-                f"@grace_period: must be at most max_epochs ({self.max_epochs}), got {self.grace_period}"
-            )
-        return self
 
 
 # The sections a search space may draw into. Their field names do not overlap (checked at import), so a key
@@ -361,6 +358,24 @@ class AshaConfig(Section):
 SEARCHABLE = {"finetune": FinetuneConfig, "augment": AugmentConfig}
 assert not set(FinetuneConfig.model_fields) & set(AugmentConfig.model_fields)
 INTEGER_FIELDS = (int, int | None)
+# finetune fields that decide what the driver loads once for every trial: a drawn value would be recorded but
+# not used, so they are refused rather than ignored.
+NOT_SEARCHABLE = {
+    "pretrained": "every trial starts from the weights the driver loads once; run one sweep per source",
+    "model": "every trial starts from the weights the driver loads once; run one sweep per architecture",
+    "dataset": "every trial trains on the data the driver loads once; run one sweep per dataset",
+}
+
+DEFAULT_SEARCH_SPACE = {
+    "lr": {"distribution": "loguniform", "low": 0.01, "high": 0.1},
+    "strategy": {"distribution": "choice", "values": ["full", "lp_ft", "gradual"]},
+    "lp_epochs": {"distribution": "randint", "low": 1, "high": 3},
+    "lr_decay": {"distribution": "uniform", "low": 0.5, "high": 1.0},
+    "weight_decay": {"distribution": "loguniform", "low": 1e-5, "high": 1e-3},
+    "label_smoothing": {"distribution": "choice", "values": [0.0, 0.1]},
+    "mixup_alpha": {"distribution": "choice", "values": [0.0, 0.2]},
+    "batch_size": {"distribution": "choice", "values": [32, 64]},
+}
 
 
 def searchable_section(key: str) -> str | None:
@@ -369,17 +384,17 @@ def searchable_section(key: str) -> str | None:
 
 
 class TuneConfig(Section):
-    num_samples: int = Field(4, ge=1, le=10_000)
+    num_samples: int = Field(10, ge=1, le=10_000)
     seed: int = Field(0, ge=0)  # the sampler's: the same params draw the same trial configurations
     metric: Literal["val_acc", "val_loss"] = "val_acc"
     # random: independent draws (seeded) | optuna: TPE, which proposes from the results so far
     search: Literal["random", "optuna"] = "random"
     asha: AshaConfig = AshaConfig()
-    workers_per_trial: int | None = Field(
-        None, ge=1
-    )  # Ray Train workers of each trial; null: ray.num_workers
+    workers_per_trial: int | None = Field(1, ge=1)  # Ray Train workers of each trial; null: ray.num_workers
     max_concurrent_trials: int | None = Field(None, ge=1)  # None: as many as the cluster's resources allow
-    search_space: dict[str, Distribution] = Field(default_factory=dict)
+    search_space: dict[str, Distribution] = Field(
+        default_factory=lambda: dict(DEFAULT_SEARCH_SPACE), validate_default=True
+    )
 
     @property
     def mode(self) -> Literal["max", "min"]:
@@ -388,11 +403,15 @@ class TuneConfig(Section):
     @field_validator("search_space")
     @classmethod
     def _keys_are_searchable(cls, space: dict[str, Any]) -> dict[str, Any]:
+        for key in space:
+            if key in NOT_SEARCHABLE:
+                raise ValueError(f"@{key}: cannot be swept: {NOT_SEARCHABLE[key]}")
         unknown = sorted(key for key in space if searchable_section(key) is None)
         if unknown:
+            fields = set(FinetuneConfig.model_fields) | set(AugmentConfig.model_fields)
             raise ValueError(
                 f"unknown key(s) {', '.join(unknown)}: expected fields of finetune or augment "
-                f"({', '.join(sorted(set(FinetuneConfig.model_fields) | set(AugmentConfig.model_fields)))})"
+                f"({', '.join(sorted(fields - set(NOT_SEARCHABLE)))})"
             )
         for key, dist in space.items():
             field = SEARCHABLE[searchable_section(key)].model_fields[key]
@@ -407,7 +426,14 @@ class TuneConfig(Section):
 
 
 class RayConfig(Section):
-    """How training scales. The cluster itself comes from `address`, else `RAY_ADDRESS`, else a local one."""
+    """How training scales. The cluster itself comes from `address`, else `RAY_ADDRESS`, else a local one.
+
+    Two kinds of settings: those that change what a run computes (`RESULT_FIELDS`: the DDP world size, which
+    splits each batch and shards the data, and the device) are part of a training run's identity, its name
+    and its MLflow params; the rest say how it is executed (restarts, placement, checkpoints kept, where they
+    go), may be changed when a stopped run is resumed, and are recorded as MLflow tags."""
+
+    RESULT_FIELDS: ClassVar[tuple[str, ...]] = ("num_workers", "use_gpu")
 
     address: str | None = None
     num_workers: int = Field(2, ge=1)
@@ -425,6 +451,12 @@ class RayConfig(Section):
     controller_failure_limit: int = Field(2, ge=-1)
     checkpoints_to_keep: int = Field(2, ge=1)  # the best k by the stage's `metric`
     storage_path: str = "runs/ray"  # local directory (relative to the repo) or s3://bucket/prefix
+
+    def result_settings(self) -> dict[str, Any]:
+        return self.model_dump(include=set(self.RESULT_FIELDS))
+
+    def execution_settings(self) -> dict[str, Any]:
+        return self.model_dump(exclude=set(self.RESULT_FIELDS))
 
 
 class MlflowConfig(Section):
@@ -488,17 +520,20 @@ with warnings.catch_warnings():
             return self
 
         @model_validator(mode="after")
-        def _batch_covers_every_worker(self):
-            # Fine-tuning runs only as sweep trials, with tune.workers_per_trial workers each.
+        def _batch_splits_evenly(self):
+            # Each rank trains on batch_size / (workers × accumulate_steps) images per micro-batch: a batch that
+            # does not split evenly would silently train on a smaller one. Fine-tuning runs only as sweep
+            # trials, with tune.workers_per_trial workers each.
             workers = {"pretrain": ("ray.num_workers", self.ray.num_workers)}
             workers["finetune"] = ("the workers per trial", self.workers_per_trial)
             for stage, (what, count) in workers.items():
                 optim = getattr(self, stage)
-                smallest = count * optim.accumulate_steps
-                if optim.batch_size < smallest:
+                parts = count * optim.accumulate_steps
+                if optim.batch_size % parts:
                     raise ValueError(
-                        f"@{stage}.batch_size: must be at least {what} × {stage}.accumulate_steps "
-                        f"({smallest}): every worker needs an image per micro-batch, got {optim.batch_size}"
+                        f"@{stage}.batch_size: must be a multiple of {what} × {stage}.accumulate_steps "
+                        f"({count} × {optim.accumulate_steps} = {parts}), so that every worker's micro-batch "
+                        f"is the same size, got {optim.batch_size}"
                     )
             return self
 
@@ -506,10 +541,37 @@ with warnings.catch_warnings():
         def workers_per_trial(self) -> int:
             return self.tune.workers_per_trial or self.ray.num_workers
 
+        @property
+        def max_trial_epochs(self) -> int:
+            """The length of the longest trial: finetune.epochs, or the largest epochs the space can draw."""
+            dist = self.tune.search_space.get("epochs")
+            return max(int(value) for value in _corners(dist)) if dist else self.finetune.epochs
+
+        @model_validator(mode="after")
+        def _asha_fits_the_trials(self):
+            asha, longest = self.tune.asha, self.max_trial_epochs
+            what = (
+                "the largest epochs tune.search_space draws"
+                if "epochs" in self.tune.search_space
+                else "finetune.epochs"
+            )
+            if asha.max_epochs is not None and asha.max_epochs != longest:
+                raise ValueError(
+                    f"@tune.asha.max_epochs: is the epoch at which a trial ends: must be null or {what} "
+                    f"({longest}), got {asha.max_epochs}"
+                )
+            if asha.grace_period > longest:
+                raise ValueError(
+                    f"@tune.asha.grace_period: must be at most the trial length, {what} ({longest}), "
+                    f"got {asha.grace_period}"
+                )
+            return self
+
         @model_validator(mode="after")
         def _search_space_draws_valid_configs(self):
             """Every corner of the search space (each choice value, each range's ends, all combined) must give
-            a valid finetune/augment config: a bad draw fails here, with the keys, not in a trial an hour in."""
+            a valid config, checked with every rule of the whole config (a drawn loader, batch or epochs must
+            fit the rest): a bad draw fails here, naming the draw and the key, not in a trial an hour in."""
             space = self.tune.search_space
             if not space:
                 return self
@@ -522,30 +584,25 @@ with warnings.catch_warnings():
                     dict(zip(candidates, values, strict=True))
                     for values in itertools.product(*candidates.values())
                 ]
+            # Validated sections go in as they are (pydantic does not validate a model instance again); the drawn
+            # sections are validated from their fields, then every whole-config rule runs. The space itself is
+            # left out of the copy: its draws are checked here, not again inside each check.
+            base = {name: getattr(self, name) for name in type(self).model_fields}
+            base["tune"] = self.tune.model_copy(update={"search_space": {}})
             for draw in draws:
-                where = ", ".join(f"{key}={value!r}" for key, value in draw.items())
-                for section, schema in SEARCHABLE.items():
-                    fields = {k: v for k, v in draw.items() if k in schema.model_fields}
-                    if not fields:
-                        continue
-                    try:
-                        drawn = schema.model_validate(getattr(self, section).model_dump() | fields)
-                    except ValidationError as err:
-                        first = err.errors()[0]
-                        key = ".".join(str(part) for part in first["loc"]) or section
-                        message = first["msg"].removeprefix("Value error, ")
-                        if message.startswith("@"):
-                            key, _, message = message[1:].partition(": ")
-                        raise ValueError(
-                            f"@tune.search_space: the draw {where} makes {section}.{key} invalid: {message}"
-                        ) from None
-                    if section == "finetune":
-                        smallest = self.workers_per_trial * drawn.accumulate_steps
-                        if drawn.batch_size < smallest:
-                            raise ValueError(
-                                f"@tune.search_space: the draw {where} makes finetune.batch_size {drawn.batch_size} "
-                                f"smaller than workers per trial × accumulate_steps ({smallest})"
-                            )
+                raw = dict(base)
+                for section in SEARCHABLE:
+                    fields = {key: value for key, value in draw.items() if searchable_section(key) == section}
+                    if fields:
+                        raw[section] = getattr(self, section).model_dump() | fields
+                try:
+                    Config.model_validate(raw)
+                except ValidationError as err:
+                    key, message = _first_error(err)
+                    where = ", ".join(f"{key}={value!r}" for key, value in draw.items())
+                    raise ValueError(
+                        f"@tune.search_space: the draw {where} makes {key} invalid: {message}"
+                    ) from None
             return self
 
         def dataset(self, name: str) -> DatasetConfig:
@@ -561,21 +618,28 @@ with warnings.catch_warnings():
 # ---------------------------------------------------------------- loading
 
 
-def _format_error(source: str, err: ValidationError) -> str:
+def _first_error(err: ValidationError) -> tuple[str, str]:
+    """(dotted key, message) of a validation error's first error. A validator's message may name its own key
+    as "@key: message"; a discriminated union's tag (search_space.lr.loguniform) is not a key."""
     first = err.errors()[0]
-    # A discriminated union puts its tag in the location (search_space.lr.loguniform): the tag is not a key.
-    key = ".".join(str(part) for part in first["loc"] if part not in DISTRIBUTIONS) or "(top level)"
+    key = ".".join(str(part) for part in first["loc"] if part not in DISTRIBUTIONS)
     if first["type"] == "extra_forbidden":
-        message = "unknown key"
-    else:
-        message = first["msg"].removeprefix("Value error, ")
-        if message.startswith("@"):
-            field, _, message = message[1:].partition(": ")
-            key = f"{key}.{field}" if first["loc"] else field
-        elif "input" in first and first["type"] not in ("missing",) and not isinstance(first["input"], dict):
-            message += f" (got {first['input']!r})"
+        return key, "unknown key"
+    message = first["msg"].removeprefix("Value error, ")
+    if message.startswith("@"):
+        field, _, message = message[1:].partition(": ")
+        key = f"{key}.{field}" if key else field
+    elif "input" in first and first["type"] not in ("missing",) and not isinstance(first["input"], dict):
+        message += f" (got {first['input']!r})"
+    return key, message
+
+
+def _format_error(source: str, err: ValidationError) -> str:
+    key, message = _first_error(err)
     more = len(err.errors()) - 1
-    return f"{source}: {key}: {message}" + (f" (and {more} more error{'s' * (more > 1)})" if more else "")
+    return f"{source}: {key or '(top level)'}: {message}" + (
+        f" (and {more} more error{'s' * (more > 1)})" if more else ""
+    )
 
 
 def _check_mapping(raw: Any, source: str) -> None:

@@ -78,13 +78,21 @@ def test_repo_params_file_loads_and_matches_its_yaml():
     _assert_subset(raw, cfg.model_dump(mode="json"))  # (JSON: tuples as YAML lists)
 
 
+def test_params_yaml_is_the_schema_defaults_written_out(repo_root):
+    """One source of truth: every key the project's params.yaml sets has its schema default as value (the file
+    documents the defaults; a default changed in one place and not the other fails here), so a run without a
+    params file, or with a key left out, gets what params.yaml says."""
+    raw = yaml.safe_load((repo_root / "params.yaml").read_text())
+    assert parse_config(raw) == Config()
+
+
 def test_default_config_validates_and_round_trips():
     cfg = Config()
     assert cfg.pretrain.model == "resnet20"
     assert cfg.pretrain.epochs == 6
     assert cfg.finetune.lr == 0.02
     assert cfg.datasets == {
-        "fractals": DatasetConfig(source="fractals"),
+        "fractals": DatasetConfig(source="fractals", split={"val": 0.1, "test": 0.1}),
         "digits": DatasetConfig(source="digits"),
     }
     assert cfg.pretrain.dataset == "fractals" and cfg.finetune.dataset == "digits"
@@ -101,7 +109,16 @@ def test_default_config_validates_and_round_trips():
     assert cfg.ray.data_cpus_per_worker == 0.25
     assert (cfg.augment.policy, cfg.augment.random_erasing, cfg.augment.mixup_alpha) == ("none", 0.0, 0.0)
     assert (cfg.augment.randaugment_num_ops, cfg.augment.randaugment_magnitude) == (2, 9)
-    assert cfg.tune.search_space == {}
+    assert set(cfg.tune.search_space) == {
+        "lr",
+        "strategy",
+        "lp_epochs",
+        "lr_decay",
+        "weight_decay",
+        "label_smoothing",
+        "mixup_alpha",
+        "batch_size",
+    }
     assert Config.model_validate(cfg.model_dump()) == cfg
     assert parse_config(None) == cfg
     assert parse_config({}) == cfg
@@ -249,8 +266,8 @@ def test_search_space_integer_field_needs_an_integer_distribution(tmp_path):
         # a batch smaller than the workers of a trial
         (
             {"batch_size": {"distribution": "choice", "values": [1, 32]}},
-            "tune.search_space: the draw batch_size=1 makes finetune.batch_size 1 smaller than workers per "
-            "trial × accumulate_steps (2)",
+            "tune.search_space: the draw batch_size=1 makes finetune.batch_size invalid: must be a multiple of "
+            "the workers per trial × finetune.accumulate_steps (1 × 2 = 2)",
         ),
         # an augment field's bounds
         (
@@ -260,7 +277,8 @@ def test_search_space_integer_field_needs_an_integer_distribution(tmp_path):
     ],
 )
 def test_search_space_every_corner_must_make_a_valid_config(tmp_path, space, expected):
-    message, _ = _config_error(tmp_path, {"finetune": {"epochs": 4}, "tune": {"search_space": space}})
+    raw = {"finetune": {"epochs": 4, "accumulate_steps": 2}, "tune": {"search_space": space}}
+    message, _ = _config_error(tmp_path, raw)
     assert expected in message
 
 
@@ -271,7 +289,11 @@ def test_search_space_batch_rule_uses_workers_per_trial(tmp_path):
     assert cfg.workers_per_trial == 2
     raw["tune"]["workers_per_trial"] = None  # then ray.num_workers (4) > 2
     message, _ = _config_error(tmp_path, raw)
-    assert "the draw batch_size=2 makes finetune.batch_size 2 smaller" in message
+    assert message.endswith(
+        "tune.search_space: the draw batch_size=2 makes finetune.batch_size invalid: must be a multiple of the "
+        "workers per trial × finetune.accumulate_steps (4 × 1 = 4), so that every worker's micro-batch is the "
+        "same size, got 2"
+    )
 
 
 @pytest.mark.parametrize(
@@ -295,9 +317,96 @@ def test_finetune_strategy_errors_name_the_key(tmp_path, finetune, key, fragment
     assert f": {key}: " in message and fragment in message
 
 
-def test_asha_grace_period_within_max_epochs(tmp_path):
-    message, _ = _config_error(tmp_path, {"tune": {"asha": {"grace_period": 5, "max_epochs": 3}}})
-    assert message.endswith("tune.asha.grace_period: must be at most max_epochs (3), got 5")
+def test_asha_grace_period_within_the_trial_length(tmp_path):
+    message, _ = _config_error(tmp_path, {"finetune": {"epochs": 3}, "tune": {"asha": {"grace_period": 5}}})
+    assert message.endswith(
+        "tune.asha.grace_period: must be at most the trial length, finetune.epochs (3), got 5"
+    )
+
+
+@pytest.mark.parametrize(
+    ("raw", "expected"),
+    [
+        (
+            {"finetune": {"epochs": 6}, "tune": {"asha": {"max_epochs": 4}}},
+            "tune.asha.max_epochs: is the epoch at which a trial ends: must be null or finetune.epochs (6), got 4",
+        ),
+        (
+            {"finetune": {"epochs": 6}, "tune": {"asha": {"max_epochs": 9}}},
+            "tune.asha.max_epochs: is the epoch at which a trial ends: must be null or finetune.epochs (6), got 9",
+        ),
+        (
+            {
+                "tune": {
+                    "asha": {"max_epochs": 6},
+                    "search_space": {"epochs": {"distribution": "choice", "values": [4, 8]}},
+                }
+            },
+            "tune.asha.max_epochs: is the epoch at which a trial ends: must be null or the largest epochs "
+            "tune.search_space draws (8), got 6",
+        ),
+    ],
+)
+def test_asha_max_epochs_that_disagrees_with_the_trial_length_is_refused(tmp_path, raw, expected):
+    raw["tune"].setdefault("search_space", {})
+    message, _ = _config_error(tmp_path, raw)
+    assert message.endswith(expected)
+    raw["tune"]["asha"]["max_epochs"] = None
+    assert load_config(_write(tmp_path, raw)) is not None
+
+
+@pytest.mark.parametrize(
+    ("key", "reason"),
+    [
+        ("pretrained", "every trial starts from the weights the driver loads once; run one sweep per source"),
+        (
+            "model",
+            "every trial starts from the weights the driver loads once; run one sweep per architecture",
+        ),
+        ("dataset", "every trial trains on the data the driver loads once; run one sweep per dataset"),
+    ],
+)
+def test_search_space_refuses_keys_a_trial_could_not_use(tmp_path, key, reason):
+    space = {key: {"distribution": "choice", "values": ["a", "b"]}}
+    message, _ = _config_error(tmp_path, {"tune": {"search_space": space}})
+    assert message.endswith(f"tune.search_space.{key}: cannot be swept: {reason}")
+
+
+def test_a_drawn_loader_meets_the_whole_config_rules(tmp_path):
+    """ray_data needs ray.data_cpus_per_worker < ray.cpus_per_worker: a rule of the whole config, checked for
+    every draw too (it used to be skipped for drawn values)."""
+    space = {"loader": {"distribution": "choice", "values": ["memory", "ray_data"]}}
+    raw = {"ray": {"cpus_per_worker": 0.5, "data_cpus_per_worker": 0.5}, "tune": {"search_space": space}}
+    message, _ = _config_error(tmp_path, raw)
+    assert message.endswith(
+        "tune.search_space: the draw loader='ray_data' makes ray.data_cpus_per_worker invalid: must be less "
+        "than ray.cpus_per_worker (0.5) with a ray_data loader, got 0.5"
+    )
+
+
+@pytest.mark.parametrize(
+    ("raw", "expected"),
+    [
+        (
+            {"pretrain": {"batch_size": 33}},
+            "pretrain.batch_size: must be a multiple of ray.num_workers × pretrain.accumulate_steps (2 × 1 = 2), "
+            "so that every worker's micro-batch is the same size, got 33",
+        ),
+        (
+            {"pretrain": {"batch_size": 32, "accumulate_steps": 3}},
+            "pretrain.batch_size: must be a multiple of ray.num_workers × pretrain.accumulate_steps (2 × 3 = 6), "
+            "so that every worker's micro-batch is the same size, got 32",
+        ),
+        (
+            {"finetune": {"batch_size": 30}, "tune": {"workers_per_trial": 4, "search_space": {}}},
+            "finetune.batch_size: must be a multiple of the workers per trial × finetune.accumulate_steps "
+            "(4 × 1 = 4), so that every worker's micro-batch is the same size, got 30",
+        ),
+    ],
+)
+def test_a_batch_that_does_not_split_evenly_is_refused_not_shrunk(tmp_path, raw, expected):
+    message, _ = _config_error(tmp_path, raw)
+    assert message.endswith(expected)
 
 
 def test_search_space_parses_distributions(tmp_path):

@@ -536,5 +536,5 @@ def test_finetune_config_accepts_the_edges():
         {"pretrained": "none", "model": "resnet20"},
     ]
     for section in ok:
-        cfg = parse_config({"finetune": section}).finetune
+        cfg = parse_config({"finetune": section, "tune": {"search_space": {}}}).finetune
         assert {k: getattr(cfg, k) for k in section} == section

@@ -55,13 +55,13 @@ def test_config_selects_and_validates_the_source():
     )
     assert cfg.dataset("fractals").source_options() == {
         "num_classes": 5,
-        "per_class": 100,
+        "per_class": 40,
         "seed": 0,
         "points": 1500,
         "jitter": 0.1,
     }
     assert parse_config({}).dataset("digits").source_options() == {}
-    assert parse_config({}).dataset("fractals").source_options()["num_classes"] == 10
+    assert parse_config({}).dataset("fractals").source_options()["num_classes"] == 50
     with pytest.raises(ConfigError) as info:
         parse_config(
             {"datasets": datasets | {"fractals": {"source": "fractals", "fractals": {"num_classes": 1}}}}

@@ -55,7 +55,11 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 def recipe(**changes) -> PretrainConfig:
     """A validated recipe: test_engine's OPTIM (resnet20, 3 epochs, batch 16, lr 0.05) plus `changes`."""
     return PretrainConfig(
-        **({"model": "resnet20", "epochs": 3, "batch_size": 16, "lr": 0.05, "seed": 0} | changes)
+        **(
+            {"model": "resnet20", "epochs": 3, "batch_size": 16, "lr": 0.05, "seed": 0}
+            | {"warmup_epochs": 0, "channels_last": False}  # not pretrain's defaults: what these tests assume
+            | changes
+        )
     )
 
 
@@ -884,7 +888,10 @@ def test_the_jobs_put_the_configured_dropout_in_the_model(tmp_path):
         ({"finetune": {"early_stopping_patience": -1}}, "finetune.early_stopping_patience"),
         ({"finetune": {"early_stopping_min_delta": -0.1}}, "finetune.early_stopping_min_delta"),
         ({"pretrain": {"batch_size": 3, "accumulate_steps": 2}}, "pretrain.batch_size"),
-        ({"ray": {"num_workers": 4}, "finetune": {"batch_size": 3}}, "finetune.batch_size"),
+        (
+            {"ray": {"num_workers": 4}, "finetune": {"batch_size": 3}, "tune": {"workers_per_trial": None}},
+            "finetune.batch_size",
+        ),
         ({"ray": {"placement_strategy": "BOGUS"}}, "ray.placement_strategy"),
         ({"ray": {"gpus_per_worker": 0}}, "ray.gpus_per_worker"),
         ({"ray": {"max_failures": -2}}, "ray.max_failures"),
@@ -899,7 +906,7 @@ def test_config_rejects_bad_recipe_values_naming_the_key(raw, key):
 
 
 def test_config_batch_check_counts_workers_times_accumulation():
-    with pytest.raises(ConfigError, match=r"pretrain\.batch_size: .*\(6\).*got 5"):
+    with pytest.raises(ConfigError, match=r"pretrain\.batch_size: .*\(3 × 2 = 6\).*got 5"):
         parse_config({"ray": {"num_workers": 3}, "pretrain": {"batch_size": 5, "accumulate_steps": 2}})
     cfg = parse_config({"ray": {"num_workers": 3}, "pretrain": {"batch_size": 6, "accumulate_steps": 2}})
     assert cfg.pretrain.batch_size == 6
