@@ -3,11 +3,13 @@
 The worker function is the only code that runs inside Ray Train workers. It rebuilds everything from a plain,
 picklable `TrainJob`, trains with `engine.fit` (which wraps the model in DDP; Ray Train has already set up the
 gloo or NCCL process group), and after every epoch reports the global metrics with a checkpoint from rank 0.
-Rank 0 also logs each epoch to the MLflow run the job names: Ray Train V2 has no MLflow callback of its own.
+Once Ray Train has registered an epoch, `EpochReporter` (in the Train controller) logs it to the MLflow run the
+job names (Ray Train V2 has no MLflow callback of its own) and sends its progress line to the driver.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import hashlib
@@ -16,6 +18,7 @@ import math
 import os
 import shutil
 import tempfile
+import threading
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,6 +30,7 @@ import ray.train
 import torch
 from ray.train import Checkpoint, CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
+from ray.train.v2.api.callback import UserCallback
 
 from resnet.config import AugmentConfig, FinetuneConfig, PretrainConfig, RayConfig
 from resnet.data.loading import PreparedData, load_prepared
@@ -60,10 +64,14 @@ FORWARDED_ENV = (
 )
 
 
-def init_ray(cfg: RayConfig) -> None:
-    """Connect to `ray.address`, else `RAY_ADDRESS`, else start a local Ray on this machine.
+def init_ray(cfg: RayConfig, stage: str = "ray") -> None:
+    """Connect to `ray.address`, else `RAY_ADDRESS`, else start a local Ray on this machine, and say which in
+    one line.
 
-    The local one keeps its dashboard on: Ray Train's placement-group cleanup asks the dashboard's state API,
+    Ray's own output (its daemons', the Train controller's and the workers' logs) stays in Ray's log files
+    rather than streaming into the stage's output: the stage prints its own progress (`EpochReporter`, the
+    sweep's `SweepReporter`), and a failure reaches the driver as an exception with the worker's traceback.
+    The local Ray keeps its dashboard on: Ray Train's placement-group cleanup asks the dashboard's state API,
     and without it a second Tune trial on a small machine never gets its workers. Its workers run at normal
     priority (Ray's default is nice 15).
     """
@@ -76,18 +84,63 @@ def init_ray(cfg: RayConfig) -> None:
         # machine, which fails where several Ray clusters run, as on a test machine).
         env["RAY_ADDRESS"] = address
     runtime_env = {"env_vars": env} if env else None
+    quiet = {"log_to_driver": False, "logging_level": logging.ERROR, "runtime_env": runtime_env}
+    _keep_worker_pool_warnings_in_the_log()
     if address:
-        ray.init(address=address, log_to_driver=True, runtime_env=runtime_env)
-    else:
-        ray.init(
-            include_dashboard=True,
-            dashboard_host="127.0.0.1",
-            runtime_env=runtime_env,
-            # Ray starts workers at nice 15, below its own daemons; a machine that runs one training job wants
-            # its DDP workers at full priority (measured: +6% images/s on 2 cores, benchmarks/RESULTS.md).
-            # A cluster started with `ray start` takes the same from RAY_worker_niceness=0 in its environment.
-            _system_config={"worker_niceness": 0},
-        )
+        ray.init(address=address, **quiet)
+        print(f"{stage}: connected to the Ray cluster at {address}; Ray's logs are on its nodes", flush=True)
+        return
+    context = ray.init(
+        include_dashboard=True,
+        dashboard_host="127.0.0.1",
+        # Ray starts workers at nice 15, below its own daemons; a machine that runs one training job wants its
+        # DDP workers at full priority (measured: +6% images/s on 2 cores, benchmarks/RESULTS.md). A cluster
+        # started with `ray start` takes the same from RAY_worker_niceness=0 in its environment.
+        _system_config={"worker_niceness": 0},
+        **quiet,
+    )
+    cpus = int(ray.cluster_resources().get("CPU", 0))
+    print(
+        f"{stage}: started a local Ray with {cpus} CPUs (dashboard http://{context.dashboard_url}; "
+        f"Ray's logs in {ray_log_dir()})",
+        flush=True,
+    )
+
+
+def _keep_worker_pool_warnings_in_the_log() -> None:
+    """Ray's raylet tells every driver when a node has started several worker processes per CPU ("WARNING: 8
+    PYTHON worker processes have been started ..."): each Train run starts half a dozen actors, so a sweep on a
+    small machine triggers it all the time, and there is nothing for a user of this pipeline to do about it. It
+    goes to the log. Every other message from the raylet (running out of memory, ...) is still printed."""
+    import ray._private.worker as ray_worker  # no public switch for this one message
+
+    print_to_stdstream = ray_worker.print_to_stdstream
+    if getattr(print_to_stdstream, "keeps_worker_pool_warnings", False):
+        return
+
+    def filtered(data: dict, ignore_prefix: bool) -> None:
+        lines = data.get("lines") or []
+        if (
+            data.get("pid") == "raylet"
+            and lines
+            and all("worker processes have been started" in x for x in lines)
+        ):
+            log.info("ray: %s", " ".join(lines))
+            return
+        print_to_stdstream(data, ignore_prefix)
+
+    filtered.keeps_worker_pool_warnings = True
+    ray_worker.print_to_stdstream = filtered
+
+
+def ray_log_dir() -> str:
+    """Where this machine's Ray session keeps its logs."""
+    node = getattr(ray._private.worker.global_worker, "node", None)  # no public API for the session directory
+    return (
+        str(Path(node.get_session_dir_path()) / "logs")
+        if node is not None
+        else "/tmp/ray/session_latest/logs"
+    )
 
 
 @dataclass(frozen=True)
@@ -280,6 +333,93 @@ def progress_line(stage: str, total_epochs: int, metrics: dict[str, float]) -> s
     )
 
 
+# Reported with each epoch for Ray (Tune, the checkpoint meta), not curves: not logged to MLflow.
+NOT_LOGGED = ("epoch", "start_epoch", "early_stopped")
+
+
+class EpochReporter(UserCallback):
+    """Runs in the Ray Train controller once every rank has reported an epoch and its checkpoint is
+    registered: logs rank 0's metrics to the MLflow run (step = epoch) and sends the epoch's progress line to
+    the driver (`lines`, a `ray.util.queue.Queue`; None: the sweep's driver prints from Tune's results).
+
+    Logging here rather than in the worker is what makes each epoch appear exactly once in MLflow: a worker
+    group that dies before its epoch is registered is restarted from the previous checkpoint and runs that
+    epoch again; had the worker logged it first, the curve would hold it twice."""
+
+    def __init__(self, stage: str, epochs: int, run=None, lines=None):
+        self.stage, self.epochs, self.run, self.lines = stage, epochs, run, lines
+        self.last_epoch = 0  # guards against a report delivered twice
+        self.start_epoch = 0  # where the running worker group started (> 0: from a checkpoint)
+        self.mlflow_failed = False
+
+    def after_report(self, run_context, metrics: list[dict[str, Any]], checkpoint) -> None:
+        reported = metrics[0]
+        epoch, start = int(reported["epoch"]), int(reported.get("start_epoch", 0))
+        if epoch <= self.last_epoch:
+            return
+        self.last_epoch = epoch
+        if start != self.start_epoch:  # a restarted worker group, or a resumed run
+            self.start_epoch = start
+            self._send(f"{self.stage}: resumed after epoch {start} from its last checkpoint")
+            self._log({"resumed_from_epoch": start}, step=start)
+        self._send(progress_line(self.stage, self.epochs, reported))
+        self._log({k: v for k, v in reported.items() if k not in NOT_LOGGED}, step=epoch)
+
+    def _log(self, metrics: dict[str, Any], step: int) -> None:
+        if self.run is None:
+            return
+        try:
+            self.run.log_metrics(metrics, step=step)
+        except Exception as exc:  # training goes on without its curve; said once, not per epoch
+            log.warning("%s: MLflow logging failed at step %d: %s", self.stage, step, exc)
+            if not self.mlflow_failed:
+                self.mlflow_failed = True
+                reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+                self._send(f"{self.stage}: warning: MLflow logging failed ({reason}); training goes on")
+
+    def _send(self, line: str) -> None:
+        log.info(line)  # the controller's own log file
+        if self.lines is not None:
+            self.lines.put(line)
+
+
+class ProgressPrinter:
+    """The driver's end of `EpochReporter`'s lines: a queue actor (no CPU) that the controller puts lines
+    into, printed by a thread here while `trainer.fit()` blocks the main thread (which keeps Ctrl-C)."""
+
+    def __init__(self):
+        from ray.util.queue import Queue
+
+        self.queue = Queue(actor_options={"num_cpus": 0})
+
+    @contextlib.contextmanager
+    def printing(self):
+        stop = threading.Event()
+
+        def pump(final: bool = False) -> None:
+            from ray.util.queue import Empty
+
+            while final or not stop.is_set():
+                try:
+                    line = self.queue.get(timeout=0.5 if not final else 0)
+                except Empty:
+                    if final:
+                        return
+                    continue
+                except Exception:  # the queue actor went away (Ray shut down under us)
+                    return
+                print(line, flush=True)
+
+        thread = threading.Thread(target=pump, name="progress", daemon=True)
+        thread.start()
+        try:
+            yield
+        finally:
+            stop.set()
+            thread.join(timeout=5)
+            pump(final=True)  # what arrived after the last poll
+
+
 def train_loop_per_worker(config: dict[str, Any]) -> None:
     """Runs in every Ray Train worker."""
     job = TrainJob(**config)
@@ -321,23 +461,15 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         start_epoch = resume.epoch
         if rank == 0:
             log.info("%s: resuming after epoch %d from %s", job.stage, start_epoch, checkpoint.path)
-            if job.mlflow_run is not None:
-                job.mlflow_run.log_metrics({"resumed_from_epoch": start_epoch}, step=start_epoch)
 
     def report(metrics: dict[str, float], state: TrainState) -> None:
-        metrics = metrics | {"start_epoch": start_epoch}
+        # MLflow and the progress line get the epoch from the controller once it is registered (EpochReporter).
+        metrics = metrics | {"start_epoch": start_epoch, "early_stopped": state.stopped}
         replicas = replica_fingerprints(model)
         if len({r["params_sha256"] for r in replicas}) > 1:
             warnings.warn(
                 f"DDP replicas differ after epoch {int(metrics['epoch'])}: {replicas}", stacklevel=1
             )
-        if rank == 0:
-            log.info(progress_line(job.stage, optim.epochs, metrics))
-            if job.mlflow_run is not None:
-                job.mlflow_run.log_metrics(
-                    {k: v for k, v in metrics.items() if k not in ("epoch", "start_epoch")},
-                    step=int(metrics["epoch"]),
-                )
         with tempfile.TemporaryDirectory() as directory:
             model_meta = meta | {"metrics": metrics, "replicas": replicas}
             write_checkpoint(Path(directory), state, rank, model_meta)
@@ -379,10 +511,12 @@ def make_trainer(
     mode: str = "max",
     cpus_per_worker: float | None = None,
     callbacks: list | None = None,
+    progress: ProgressPrinter | None = None,
 ) -> TorchTrainer:
     """A TorchTrainer for `job` that keeps the best `ray.checkpoints_to_keep` checkpoints by `metric` and
     restarts its workers from the last one up to `ray.max_failures` times. A trainer with the name of an
-    unfinished run under the same storage resumes that run."""
+    unfinished run under the same storage resumes that run. Each registered epoch goes to `job.mlflow_run`
+    and, as a progress line, to `progress` (`EpochReporter`), then to `callbacks` (Tune's)."""
     streaming = job.optim.get("loader") == "ray_data"
     worker_cpus = cpus_per_worker if cpus_per_worker is not None else cfg.cpus_per_worker
     if streaming:
@@ -411,7 +545,17 @@ def make_trainer(
             failure_config=FailureConfig(
                 max_failures=cfg.max_failures, controller_failure_limit=cfg.controller_failure_limit
             ),
-            callbacks=callbacks,
+            # The epoch is logged before Tune hears of it: Tune may stop the trial on that result (ASHA, or
+            # the trial's last epoch), which ends this controller too.
+            callbacks=[
+                EpochReporter(
+                    job.stage,
+                    job.optim["epochs"],
+                    job.mlflow_run,
+                    progress.queue if progress is not None else None,
+                ),
+                *(callbacks or []),
+            ],
         ),
     )
 

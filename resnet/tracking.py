@@ -9,6 +9,7 @@ process that creates a run (a stage, a Tune trial) is often not the one that log
 
 from __future__ import annotations
 
+import logging
 import os
 import subprocess
 import time
@@ -19,6 +20,10 @@ from typing import Any
 
 import mlflow
 from mlflow.tracking import MlflowClient
+
+# MLflow narrates its own housekeeping at INFO ("Creating initial MLflow database tables..."); a stage's output
+# says what the stage did. Warnings and errors still show.
+logging.getLogger("mlflow").setLevel(logging.WARNING)
 
 EMBEDDED_DB = "mlruns.db"
 EMBEDDED_ARTIFACTS = "mlartifacts"
@@ -78,6 +83,7 @@ class RunHandle:
 
     tracking_uri: str
     run_id: str
+    resumed: bool = False  # an unfinished run reopened, rather than a new one
 
     @property
     def client(self) -> MlflowClient:
@@ -97,6 +103,20 @@ class RunHandle:
 
     def set_tags(self, tags: Mapping[str, Any]) -> None:
         self.client.log_batch(self.run_id, tags=[mlflow.entities.RunTag(k, str(v)) for k, v in tags.items()])
+
+    def record_settings(self, stage: str, settings: Mapping[str, Any]) -> dict[str, tuple[str, str]]:
+        """Settings that may differ between the attempts of one run (how it is executed, not what it computes)
+        as tags with their current values. MLflow refuses to change a param, so these are never params. Returns
+        and prints (one line) those that changed since the run's previous attempt: {key: (before, now)}."""
+        before = self.client.get_run(self.run_id).data.tags
+        now = flatten(settings)
+        changed = {key: (before[key], value) for key, value in now.items() if before.get(key, value) != value}
+        if changed:
+            summary = ", ".join(f"{key} {old} → {new}" for key, (old, new) in changed.items())
+            print(f"{stage}: resuming with changed execution settings: {summary}", flush=True)
+            now["resume.changed_settings"] = summary
+        self.set_tags(now)
+        return changed
 
     def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
         self.client.log_artifact(self.run_id, str(path), artifact_path)
@@ -147,7 +167,7 @@ def find_unfinished_run(tracking_uri: str, experiment: str, tags: Mapping[str, s
     if not runs or runs[0].info.status == "FINISHED":
         return None
     client.update_run(runs[0].info.run_id, status="RUNNING")
-    return RunHandle(tracking_uri, runs[0].info.run_id)
+    return RunHandle(tracking_uri, runs[0].info.run_id, resumed=True)
 
 
 def start_stage_run(

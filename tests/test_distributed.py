@@ -44,15 +44,23 @@ def _train_workers(ray_address: str) -> list:
 def test_a_killed_worker_is_replaced_and_training_continues_from_the_last_checkpoint(
     ray_address, prepared, tmp_path
 ):
+    from mlflow.tracking import MlflowClient
+
     from resnet.config import AugmentConfig, PretrainConfig, RayConfig
     from resnet.distributed import TrainJob, make_trainer, storage_path
+    from resnet.tracking import start_run
 
     ray_cfg = RayConfig(
         num_workers=2, max_failures=1, checkpoints_to_keep=EPOCHS, storage_path=str(tmp_path / "ray")
     )
     optim = PretrainConfig(epochs=EPOCHS, batch_size=16, lr=0.05)
+    tracking_uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    run = start_run(tracking_uri, "resnet-pipeline", "killed", root=tmp_path)
     job = TrainJob(
-        data_dir=str(prepared), optim=optim.model_dump(), augment=AugmentConfig(crop_padding=0).model_dump()
+        data_dir=str(prepared),
+        optim=optim.model_dump(),
+        augment=AugmentConfig(crop_padding=0).model_dump(),
+        mlflow_run=run,
     )
     trainer = make_trainer(job, ray_cfg, name="killed", storage=storage_path(ray_cfg))
     outcome: dict = {}
@@ -96,6 +104,24 @@ def test_a_killed_worker_is_replaced_and_training_continues_from_the_last_checkp
     for rank in (0, 1):
         rng = torch.load(Path(result.checkpoint.path) / f"rng-rank{rank}.pt", weights_only=True)
         assert set(rng) >= {"python", "numpy", "torch"}
+
+    # MLflow holds each epoch exactly once (a list, not a set: a duplicate would show), with the values of
+    # the run that kept going, and the restart where it happened.
+    client = MlflowClient(tracking_uri)
+    curve = client.get_metric_history(run.run_id, "train_loss")
+    assert [m.step for m in sorted(curve, key=lambda m: (m.step, m.timestamp))] == list(range(1, EPOCHS + 1))
+    assert [m.value for m in sorted(curve, key=lambda m: m.step)] == pytest.approx(
+        [m["train_loss"] for m in reports]
+    )
+    resumed = client.get_metric_history(run.run_id, "resumed_from_epoch")
+    assert [(m.step, m.value) for m in resumed] == [(resumed_at, resumed_at)]
+    # Each epoch was logged only after its checkpoint was in storage: logging waits for Ray Train to register
+    # the epoch, so a worker that dies before that cannot have logged an epoch that will run again.
+    logged_at = {m.step: m.timestamp for m in curve}
+    for checkpoint in _checkpoints(run_dir):
+        epoch = torch.load(checkpoint / "model.pt", weights_only=True)["meta"]["metrics"]["epoch"]
+        stored_ms = (checkpoint / "state.pt").stat().st_mtime * 1000
+        assert logged_at[epoch] >= stored_ms - 1, (epoch, logged_at[epoch], stored_ms)
 
 
 def _write_params(path: Path, storage: str, epochs: int) -> None:
@@ -141,9 +167,14 @@ def test_a_stopped_pretrain_stage_resumes_its_run_when_started_again(
     last_saved = snapshot["latest_checkpoint_result"]["metrics"]["epoch"]
     assert 1 <= last_saved < EPOCHS
 
-    output = run_stage_ok(command, env)
-    assert f"Ray Train run {run_dir.name}" in output  # the same run name: derived from config, data, code
-    assert "resuming after epoch" in output, first_output[-6000:] + "\n=====\n" + output[-6000:]
+    # Resumed with more restarts allowed (what a user raises after a failure): an execution setting, not part of
+    # the run's identity, so the same run continues and the change is recorded.
+    output = run_stage_ok([*command, "-S", "ray.max_failures=1"], env)
+    assert f"pretrain: resuming run {run_dir.name}:" in output  # the same name: config, data, code
+    assert "pretrain: resuming with changed execution settings: ray.max_failures 0 → 1" in output
+    assert f"pretrain: resumed after epoch {last_saved} from its last checkpoint" in output, (
+        first_output[-6000:] + "\n=====\n" + output[-6000:]
+    )
     metrics = json.loads((tmp_path / "metrics.json").read_text())
     assert metrics["epochs"] == EPOCHS
     meta = torch.load(tmp_path / "models" / "model.pt", weights_only=True)["meta"]
@@ -156,8 +187,12 @@ def test_a_stopped_pretrain_stage_resumes_its_run_when_started_again(
     assert len(runs) == 1
     run = runs[0]
     assert run.info.status == "FINISHED" and run.data.tags["ray.run_name"] == run_dir.name
-    steps = sorted({m.step for m in client.get_metric_history(run.info.run_id, "train_loss")})
-    assert steps == list(range(1, EPOCHS + 1))
+    assert run.data.tags["ray.max_failures"] == "1" and run.data.params["ray.num_workers"] == "2"
+    assert run.data.tags["resume.changed_settings"] == "ray.max_failures 0 → 1"
+    curve = sorted(
+        client.get_metric_history(run.info.run_id, "train_loss"), key=lambda m: (m.step, m.timestamp)
+    )
+    assert [m.step for m in curve] == list(range(1, EPOCHS + 1))
     resumed = client.get_metric_history(run.info.run_id, "resumed_from_epoch")
     assert [m.value for m in resumed] == [meta["metrics"]["start_epoch"]]
 
