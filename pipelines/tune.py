@@ -65,6 +65,9 @@ def run(args: argparse.Namespace) -> None:
     args.data = args.data or default_prepared_dir(cfg.finetune.dataset)
     manifest = read_manifest(args.data)
     source = args.pretrained or cfg.finetune.pretrained
+    # `--pretrained pretrain` (what dvc.yaml passes): the pretrain stage's model file, which holds whatever
+    # finetune.pretrained names (trained there, or taken from the source).
+    origin = cfg.finetune.pretrained if source == "pretrain" else source
     torch.manual_seed(cfg.finetune.seed)  # the new head's initial weights, shared by every trial
     start = load_pretrained(
         source, len(manifest["classes"]), model=cfg.finetune.model, pretrain_path=args.pretrain_model
@@ -79,15 +82,27 @@ def run(args: argparse.Namespace) -> None:
         data_hash,
         start.digest,
     )
-    init_ray(cfg.ray)
+    init_ray(cfg.ray, STAGE)
     storage = storage_path(cfg.ray)
     parent = start_stage_run(cfg.mlflow, STAGE, data_hash, resume_tags={"ray.run_name": name})
     with parent:
+        # Params: what the sweep's name says it computes (a resumed sweep logs the same values again).
+        # Tags: how it is executed, which may change between attempts.
+        tune_params = cfg.tune.model_dump(exclude={"search_space"}) | {
+            "workers_per_trial": cfg.workers_per_trial
+        }
         parent.log_params(
-            {"finetune": cfg.finetune.model_dump(), "tune": cfg.tune.model_dump(exclude={"search_space"})}
+            {"finetune": cfg.finetune.model_dump(), "tune": tune_params, "ray": {"use_gpu": cfg.ray.use_gpu}}
         )
         parent.log_params({f"search_space.{k}": v.model_dump() for k, v in cfg.tune.search_space.items()})
-        parent.set_tags({"pretrained.kind": describe_source(source), "pretrained.digest": start.digest})
+        parent.record_settings(STAGE, {"ray": cfg.ray.execution_settings()})
+        parent.set_tags(
+            {
+                "pretrained": origin,
+                "pretrained.kind": describe_source(origin),
+                "pretrained.digest": start.digest,
+            }
+        )
         base = TrainJob(
             data_dir=resolve_location(args.data),
             optim={},
@@ -97,10 +112,11 @@ def run(args: argparse.Namespace) -> None:
             init_weights=ray.put({"model_name": start.model_name, "model": start.model.state_dict()}),
             threads_per_worker=max(1, int(cfg.ray.cpus_per_worker)),
             stage="finetune",
-            meta={"pretrained": source},
+            meta={"pretrained": origin},
         )
         print(
-            f"{STAGE}: sweep {name} under {cfg.ray.storage_path}, from {source} ({start.model_name})",
+            f"{STAGE}: sweep {name} of {cfg.tune.num_samples} trials under {cfg.ray.storage_path}, from "
+            f"{origin} ({start.model_name})",
             flush=True,
         )
         results, resumed = run_sweep(
@@ -131,7 +147,7 @@ def run(args: argparse.Namespace) -> None:
         }
         write_json(Path(args.out) / "best.json", record)
         write_csv(args.table, table)
-        summary = sweep_summary(table, cfg) | {f"best_{metric}": meta["metrics"][metric], "resumed": resumed}
+        summary = sweep_summary(table) | {f"best_{metric}": meta["metrics"][metric], "resumed": resumed}
         write_json(args.metrics, summary)
         parent.log_metrics({k: v for k, v in summary.items() if not isinstance(v, bool)})
         parent.set_tags({"tune.best_trial": best_row["trial_id"], "tune.resumed": resumed})
@@ -139,7 +155,7 @@ def run(args: argparse.Namespace) -> None:
         parent.log_artifact(Path(args.out) / "best.json")
     print(
         f"{STAGE}: {summary['trials']} trials ({summary['stopped_early']} stopped early by ASHA, "
-        f"{summary['trial_epochs']}/{summary['budget_epochs']} trial-epochs); "
+        f"{summary['failed']} failed; {summary['trial_epochs']}/{summary['budget_epochs']} trial-epochs); "
         f"best {metric} {summary[f'best_{metric}']:.4f}"
     )
     print(

@@ -116,6 +116,12 @@ class FinetunePlan:
     def trains(self, group: LayerGroup, epoch: int) -> bool:
         return epoch >= group.start_epoch
 
+    def backbone_epochs(self, epochs: int) -> int:
+        """Of the first `epochs` epochs, how many trained some backbone group (not the head alone): the
+        clock on which a scheduler compares trials whose head-only phases differ in length."""
+        first = min((g.start_epoch for g in self.groups if g.depth > 0), default=NEVER)
+        return max(0, epochs - first)
+
     def param_groups(self, lr: float, weight_decay: float) -> list[dict[str, Any]]:
         """Optimiser groups: per layer group, its conv/linear weights (decayed) and its BN parameters and
         biases (not decayed), at `lr × lr_scale`. Every parameter, trainable yet or not."""

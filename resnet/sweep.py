@@ -60,15 +60,13 @@ def split_draw(sampled: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]
 
 
 def max_epochs(cfg: Config) -> int:
-    """The epoch at which a trial has run to the end: ASHA's `max_t`."""
-    if cfg.tune.asha.max_epochs is not None:
-        return cfg.tune.asha.max_epochs
-    dist = cfg.tune.search_space.get("epochs")
-    if dist is None:
-        return cfg.finetune.epochs
-    if dist.distribution == "choice":
-        return max(int(v) for v in dist.values)
-    return int(dist.high) - 1  # randint: [low, high)
+    """The epoch at which the longest trial has run to the end: ASHA's `max_t`."""
+    return cfg.max_trial_epochs
+
+
+def trial_epochs(cfg: Config, config: dict[str, Any]) -> int:
+    """The length of the trial with the sampled `config`: its drawn epochs, else finetune.epochs."""
+    return int(config.get("epochs", cfg.finetune.epochs))
 
 
 def trial_resources(cfg: Config) -> dict[str, float]:
@@ -168,10 +166,18 @@ def search_algorithm(cfg: Config):
 
 
 def run_sweep(
-    cfg: Config, base: TrainJob, *, storage: Storage, name: str, root: str, parent: RunHandle | None
+    cfg: Config,
+    base: TrainJob,
+    *,
+    storage: Storage,
+    name: str,
+    root: str,
+    parent: RunHandle | None,
+    callbacks: list | None = None,
 ):
     """Fit the sweep `name` under `storage`, or resume it if an earlier driver left it unfinished; returns the
-    Tune `ResultGrid` and whether it was resumed."""
+    Tune `ResultGrid` and whether it was resumed. `callbacks`: more Tune callbacks (driver side), after the
+    sweep's own progress lines."""
     sweep = SweepJob(
         base=base,
         finetune=cfg.finetune.model_dump(),
@@ -198,12 +204,12 @@ def run_sweep(
             storage_filesystem=storage.filesystem,
         )
         return tuner.fit(), True
-    # The epoch, not Tune's training_iteration, is ASHA's clock: a trial resumed after a restore reports
-    # epochs k+1.. while Tune would count its iterations from 1 again.
+    # An epoch count from the training loop, not Tune's training_iteration, is ASHA's clock: a trial resumed
+    # after a restore reports epochs k+1.. while Tune would count its iterations from 1 again.
     scheduler = ASHAScheduler(
-        time_attr="epoch",
+        time_attr=cfg.tune.asha.clock,
         max_t=max_epochs(cfg),
-        grace_period=min(cfg.tune.asha.grace_period, max_epochs(cfg)),
+        grace_period=cfg.tune.asha.grace_period,
         reduction_factor=cfg.tune.asha.reduction_factor,
     )
     tuner = tune.Tuner(
@@ -216,9 +222,81 @@ def run_sweep(
             scheduler=scheduler,
             search_alg=search_algorithm(cfg),
         ),
-        run_config=ray.tune.RunConfig(name=name, **storage.run_config_kwargs()),
+        run_config=ray.tune.RunConfig(
+            name=name,
+            **storage.run_config_kwargs(),
+            verbose=0,  # Tune's status tables: the sweep's own lines (SweepReporter) say what happens
+            callbacks=[
+                SweepReporter(cfg.tune.metric, cfg.tune.mode, cfg.finetune.epochs, cfg.tune.num_samples),
+                *(callbacks or []),
+            ],
+        ),
     )
     return tuner.fit(), False
+
+
+class SweepReporter(tune.Callback):
+    """The sweep's progress on the driver, from the results Tune receives: a line when a trial starts (its
+    draw), per epoch (its metric, and when ASHA stops it), when it ends or fails, and the standings of the
+    finished trials. Kept with the Tuner's state, so a resumed sweep reports the same way."""
+
+    def __init__(self, metric: str, mode: str, default_epochs: int, num_samples: int):
+        self.metric, self.mode, self.default_epochs, self.num_samples = (
+            metric,
+            mode,
+            default_epochs,
+            num_samples,
+        )
+        self.best: dict[str, tuple[float, int]] = {}  # trial id → (best metric, its epoch)
+        self.ended: dict[str, str] = {}  # trial id → how it ended
+
+    def _better(self, value: float, than: float) -> bool:
+        return value > than if self.mode == "max" else value < than
+
+    def _length(self, trial) -> int:
+        return int((trial.config or {}).get("epochs", self.default_epochs))
+
+    def on_trial_start(self, iteration, trials, trial, **info):
+        draw = ", ".join(f"{key}={_short(value)}" for key, value in (trial.config or {}).items())
+        print(f"tune: trial {trial.trial_id} started: {draw}", flush=True)
+
+    def on_trial_result(self, iteration, trials, trial, result, **info):
+        if self.metric not in result or "epoch" not in result:
+            return
+        epoch, value = int(result["epoch"]), float(result[self.metric])
+        best = self.best.get(trial.trial_id)
+        if best is None or self._better(value, best[0]):
+            self.best[trial.trial_id] = best = (value, epoch)
+        line = f"tune: trial {trial.trial_id} epoch {epoch}/{self._length(trial)}: {self.metric} {value:.4f}"
+        if result.get("done") and epoch < self._length(trial) and not result.get("early_stopped"):
+            self.ended[trial.trial_id] = f"stopped by ASHA after epoch {epoch}"
+            line += f" (best {best[0]:.4f}): stopped by ASHA"
+        print(line, flush=True)
+
+    def on_trial_complete(self, iteration, trials, trial, **info):
+        best = self.best.get(trial.trial_id)
+        how = self.ended.setdefault(trial.trial_id, "finished")
+        result = f"best {self.metric} {best[0]:.4f} at epoch {best[1]}" if best else "no result"
+        print(f"tune: trial {trial.trial_id} {how}: {result}", flush=True)
+        self._standings()
+
+    def on_trial_error(self, iteration, trials, trial, **info):
+        self.ended[trial.trial_id] = "failed"
+        error = str(getattr(trial, "error_file", "") or "")
+        print(f"tune: trial {trial.trial_id} failed{f' (see {error})' if error else ''}", flush=True)
+        self._standings()
+
+    def _standings(self) -> None:
+        done = [t for t in self.ended if t in self.best]
+        ranked = sorted(done, key=lambda t: self.best[t][0], reverse=self.mode == "max")
+        top = " · ".join(f"{i}. {t} {self.best[t][0]:.4f}" for i, t in enumerate(ranked[:3], 1))
+        print(
+            f"tune: {len(self.ended)}/{self.num_samples} trials done; best: {top or 'none yet'}", flush=True
+        )
+
+
+def _short(value: Any) -> str:
+    return f"{value:.3g}" if isinstance(value, float) else str(value)
 
 
 def _history(result):
@@ -230,26 +308,32 @@ def _history(result):
 
 
 def sweep_table(results, cfg: Config) -> list[dict[str, Any]]:
-    """One row per trial: its sampled values, epochs run, best metric (and its epoch), and whether ASHA
-    stopped it before `max_epochs`."""
-    metric, mode, max_t = cfg.tune.metric, cfg.tune.mode, max_epochs(cfg)
+    """One row per trial: its sampled values; its length (`max_epochs`: a drawn `epochs`, else
+    finetune.epochs); the epochs it reported; its best metric and that epoch; and how it ended: run to its
+    length, `stopped_early` (stopped by the scheduler, ASHA), `early_stopped` (the engine's early stopping,
+    `early_stopping_patience`) or an `error`."""
+    metric, mode = cfg.tune.metric, cfg.tune.mode
     rows = []
     for result in results:
         history = _history(result)
-        row = {"trial_id": (result.metrics or {}).get("trial_id") or _trial_id(result)}
-        row.update(dict(result.config or {}))
+        config = dict(result.config or {})
+        row = {"trial_id": (result.metrics or {}).get("trial_id") or _trial_id(result), **config}
         if history is None:
-            epochs, best, best_epoch = 0, float("nan"), 0
+            reported, best, best_epoch, engine_stopped = 0, float("nan"), 0, False
         else:
-            epochs = int(history["epoch"].max())
+            reported = int(history["epoch"].max())
             index = history[metric].idxmax() if mode == "max" else history[metric].idxmin()
             best, best_epoch = float(history.loc[index, metric]), int(history.loc[index, "epoch"])
+            engine_stopped = "early_stopped" in history and bool(history["early_stopped"].iloc[-1])
+        length = trial_epochs(cfg, config)
         row.update(
             {
-                "epochs": epochs,
+                "max_epochs": length,
+                "epochs_reported": reported,
                 f"best_{metric}": best,
                 "best_epoch": best_epoch,
-                "stopped_early": bool(result.error is None and epochs < max_t),
+                "stopped_early": result.error is None and reported < length and not engine_stopped,
+                "early_stopped": engine_stopped,
                 "error": None if result.error is None else type(result.error).__name__,
             }
         )
@@ -263,13 +347,14 @@ def _trial_id(result) -> str | None:
     return path.rstrip("/").rsplit("/", 1)[-1] or None
 
 
-def sweep_summary(table: list[dict[str, Any]], cfg: Config) -> dict[str, Any]:
-    """Counts and the sweep's cost: trial-epochs run ÷ every trial run to `max_epochs`."""
-    budget = len(table) * max_epochs(cfg)
-    used = sum(row.get("epochs_run", row["epochs"]) for row in table)
+def sweep_summary(table: list[dict[str, Any]]) -> dict[str, Any]:
+    """Counts and the sweep's cost: trial-epochs run ÷ every trial run to its own length."""
+    budget = sum(row["max_epochs"] for row in table)
+    used = sum(row.get("epochs_run", row["epochs_reported"]) for row in table)
     return {
         "trials": len(table),
         "stopped_early": sum(row["stopped_early"] for row in table),
+        "early_stopped": sum(row["early_stopped"] for row in table),
         "failed": sum(bool(row["error"]) for row in table),
         "trial_epochs": used,
         "budget_epochs": budget,
@@ -280,9 +365,9 @@ def sweep_summary(table: list[dict[str, Any]], cfg: Config) -> dict[str, Any]:
 def close_trial_runs(parent: RunHandle, experiment: str, table: list[dict[str, Any]], metric: str) -> int:
     """End every trial's MLflow child run with what the sweep table says about it: FINISHED (stopped early or
     not, tagged so) or FAILED, plus its best metric. The run's id goes into the table's row, with `epochs_run`:
-    the epochs its curve holds. That can be one more than `epochs` (what Tune saw) for a stopped trial: its
-    workers finish the epoch in flight while ASHA's stop reaches them, and that epoch's compute was spent.
-    Returns how many child runs were found."""
+    the epochs its curve holds. That can be one more than `epochs_reported` (what Tune saw) for a stopped
+    trial: its workers may finish the epoch in flight while ASHA's stop reaches them, and that epoch's compute
+    was spent. Returns how many child runs were found."""
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(parent.tracking_uri)
@@ -297,9 +382,15 @@ def close_trial_runs(parent: RunHandle, experiment: str, table: list[dict[str, A
             continue
         row["mlflow_run_id"] = child.info.run_id
         curve = client.get_metric_history(child.info.run_id, metric)
-        row["epochs_run"] = max([row["epochs"]] + [point.step for point in curve])
+        row["epochs_run"] = max([row["epochs_reported"]] + [point.step for point in curve])
         handle = RunHandle(parent.tracking_uri, child.info.run_id)
-        handle.set_tags({"tune.stopped_early": row["stopped_early"], "tune.epochs": row["epochs"]})
+        handle.set_tags(
+            {
+                "tune.stopped_early": row["stopped_early"],
+                "tune.early_stopped": row["early_stopped"],
+                "tune.epochs_reported": row["epochs_reported"],
+            }
+        )
         if row[f"best_{metric}"] == row[f"best_{metric}"]:  # not NaN: the trial reported at least once
             handle.log_metrics({f"best_{metric}": row[f"best_{metric}"], "best_epoch": row["best_epoch"]})
         handle.end("FAILED" if row["error"] else "FINISHED")

@@ -9,7 +9,6 @@ import json
 import math
 import signal
 import subprocess
-import time
 from pathlib import Path
 
 import pytest
@@ -18,6 +17,7 @@ import yaml
 from stagerun import REPO, run_stage_ok, stage_command, stage_env, wait_for
 
 SNAPSHOT = "checkpoint_manager_snapshot.json"  # Ray Train's record of a run's registered checkpoints
+EPOCHS = 12  # the killed sweep's trial length
 
 
 # ---------------------------------------------------------------- helpers without a cluster
@@ -39,31 +39,101 @@ def test_max_epochs_and_summary():
     assert max_epochs(cfg) == 6
     space = {"epochs": {"distribution": "randint", "low": 2, "high": 9}}
     assert max_epochs(parse_config({"tune": {"search_space": space}})) == 8
-    assert max_epochs(parse_config({"finetune": {"epochs": 6}, "tune": {"asha": {"max_epochs": 4}}})) == 4
+    assert max_epochs(parse_config({"finetune": {"epochs": 6}, "tune": {"asha": {"max_epochs": 6}}})) == 6
+    # Each trial's budget is its own length: a drawn 4-epoch trial costs 4, not the longest trial's 8.
     table = [
-        {"epochs": 6, "stopped_early": False, "error": None},
-        {"epochs": 1, "stopped_early": True, "error": None},
-        {"epochs": 3, "stopped_early": True, "error": None},
-        {"epochs": 2, "stopped_early": False, "error": "RayTaskError"},
+        {
+            "max_epochs": 8,
+            "epochs_reported": 8,
+            "stopped_early": False,
+            "early_stopped": False,
+            "error": None,
+        },
+        {
+            "max_epochs": 4,
+            "epochs_reported": 4,
+            "stopped_early": False,
+            "early_stopped": False,
+            "error": None,
+        },
+        {"max_epochs": 8, "epochs_reported": 1, "stopped_early": True, "early_stopped": False, "error": None},
+        {"max_epochs": 8, "epochs_reported": 5, "stopped_early": False, "early_stopped": True, "error": None},
+        {"max_epochs": 4, "epochs_reported": 2, "stopped_early": False, "early_stopped": False, "error": "X"},
     ]
-    assert sweep_summary(table, cfg) == {
-        "trials": 4,
-        "stopped_early": 2,
+    assert sweep_summary(table) == {
+        "trials": 5,
+        "stopped_early": 1,
+        "early_stopped": 1,
         "failed": 1,
-        "trial_epochs": 12,
-        "budget_epochs": 24,
-        "epochs_fraction": 0.5,
+        "trial_epochs": 20,
+        "budget_epochs": 32,
+        "epochs_fraction": 0.625,
     }
+
+
+class _Result:
+    """What sweep_table reads of a Tune Result."""
+
+    def __init__(self, trial_id, config, epochs, values, early_stopped=False, error=None):
+        import pandas as pd
+
+        self.config, self.error, self.path = config, error, f"/runs/sweep/run_trial_{trial_id}"
+        self.metrics = {"trial_id": trial_id}
+        rows = [
+            {"epoch": e, "val_acc": v, "early_stopped": False} for e, v in zip(epochs, values, strict=True)
+        ]
+        if rows:
+            rows[-1]["early_stopped"] = early_stopped
+        self.metrics_dataframe = pd.DataFrame(rows)
+
+
+def test_sweep_table_keeps_a_drawn_epochs_and_says_who_stopped_a_trial():
+    from resnet.config import parse_config
+    from resnet.sweep import sweep_table
+
+    space = {"epochs": {"distribution": "choice", "values": [3, 6]}}
+    cfg = parse_config({"finetune": {"epochs": 6}, "tune": {"search_space": space}})
+    results = [
+        _Result("a", {"epochs": 3}, [1, 2, 3], [0.5, 0.6, 0.7]),  # a short trial run to its own end
+        _Result("b", {"epochs": 6}, [1, 2], [0.4, 0.45]),  # ASHA stopped it
+        _Result("c", {"epochs": 6}, [1, 2, 3, 4], [0.5, 0.8, 0.7, 0.7], early_stopped=True),  # patience
+        _Result("d", {"epochs": 6}, [1], [0.3], error=RuntimeError("died")),
+    ]
+    rows = {row["trial_id"]: row for row in sweep_table(results, cfg)}
+    assert [(r["epochs"], r["max_epochs"], r["epochs_reported"]) for r in rows.values()] == [
+        (3, 3, 3),
+        (6, 6, 2),
+        (6, 6, 4),
+        (6, 6, 1),
+    ]
+    assert [(r["stopped_early"], r["early_stopped"], r["error"]) for r in rows.values()] == [
+        (False, False, None),
+        (True, False, None),
+        (False, True, None),
+        (False, False, "RuntimeError"),
+    ]
+    assert (rows["c"]["best_val_acc"], rows["c"]["best_epoch"]) == (0.8, 2)
 
 
 def test_trial_resources_count_workers_per_trial_and_gpus():
     from resnet.config import parse_config
     from resnet.sweep import trial_ray_config, trial_resources
 
-    cfg = parse_config({"ray": {"num_workers": 4, "cpus_per_worker": 2}, "tune": {"workers_per_trial": 3}})
+    cfg = parse_config(
+        {
+            "ray": {"num_workers": 4, "cpus_per_worker": 2},
+            "finetune": {"batch_size": 48},
+            "tune": {"workers_per_trial": 3, "search_space": {}},
+        }
+    )
     assert trial_resources(cfg) == {"CPU": 6}
     assert trial_ray_config(cfg).num_workers == 3
-    gpu = parse_config({"ray": {"num_workers": 2, "use_gpu": True, "gpus_per_worker": 0.5}})
+    gpu = parse_config(
+        {
+            "ray": {"num_workers": 2, "use_gpu": True, "gpus_per_worker": 0.5},
+            "tune": {"workers_per_trial": None},
+        }
+    )
     assert trial_resources(gpu) == {"CPU": 2, "GPU": 1.0}
 
 
@@ -135,10 +205,12 @@ def _table(work: Path) -> list[dict[str, str]]:
 @pytest.mark.integration
 def test_a_killed_sweep_resumes_finished_trials_kept_unfinished_continued(ray_address, target, tmp_path):
     # One trial at a time and no early stopping (grace period = the full length), so that when the driver is
-    # killed one trial has finished, one is mid-run, and one has not started.
+    # killed one trial has finished, one is mid-run, and one has not started. 12 epochs of ~0.5 s: the kill lands
+    # well inside the second trial.
     params = _params(
-        tmp_path, target["weights"], num_samples=3, max_concurrent_trials=1, asha={"grace_period": 6}
+        tmp_path, target["weights"], num_samples=3, max_concurrent_trials=1, asha={"grace_period": EPOCHS}
     )
+    params["finetune"]["epochs"] = EPOCHS
     params["tune"]["search_space"] = {"lr": {"distribution": "loguniform", "low": 0.02, "high": 0.1}}
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
     command, env = _command(tmp_path, target["data"]), stage_env(ray_address, tmp_path)
@@ -150,21 +222,22 @@ def test_a_killed_sweep_resumes_finished_trials_kept_unfinished_continued(ray_ad
 
         def second_trial_mid_run() -> list[Path] | None:
             runs = sorted(tmp_path.glob("ray/tune-*-trainers/*_0000[0-9]"))
-            if len(runs) >= 2 and _registered_epoch(runs[0]) == 6 and _registered_epoch(runs[1]) >= 2:
+            if len(runs) >= 2 and _registered_epoch(runs[0]) == EPOCHS and _registered_epoch(runs[1]) >= 2:
                 return runs
             return None
 
         runs = wait_for(
             second_trial_mid_run, 420, "the first trial to finish and the second to save 2 epochs"
         )
-        time.sleep(2.5)  # > the sweep's state-save period (resnet.sweep.STATE_SAVE_SECONDS)
+        # The sweep's state was saved since the second trial started (every resnet.sweep.STATE_SAVE_SECONDS):
+        # its start-up alone takes longer.
         driver.send_signal(signal.SIGKILL)  # the driver dies without any cleanup of its own
         first_output, _ = driver.communicate(timeout=60)
     finally:
         driver.kill()
     finished, interrupted = runs[0], runs[1]
     killed_at = _registered_epoch(interrupted)
-    assert 2 <= killed_at < 6, first_output[-3000:]
+    assert 2 <= killed_at < EPOCHS, first_output[-3000:]
     assert not (tmp_path / "models" / "model.pt").exists()
     finished_files = _files(finished)
 
@@ -175,15 +248,15 @@ def test_a_killed_sweep_resumes_finished_trials_kept_unfinished_continued(ray_ad
     # The interrupted trial continued from its last registered epoch to the end, in the same run.
     checkpoints = sorted(interrupted.glob("checkpoint_*/model.pt"))
     last = torch.load(checkpoints[-1], weights_only=True)["meta"]["metrics"]
-    assert last["epoch"] == 6 and last["start_epoch"] == killed_at
+    assert last["epoch"] == EPOCHS and last["start_epoch"] == killed_at
     trials = sorted(tmp_path.glob("ray/tune-*-trainers/*_0000[0-9]"))
-    assert len(trials) == 3 and _registered_epoch(trials[2]) == 6  # and the third ran
+    assert len(trials) == 3 and _registered_epoch(trials[2]) == EPOCHS  # and the third ran
 
     summary = json.loads((tmp_path / "tune.json").read_text())
-    assert summary["resumed"] is True and summary["trials"] == 3 and summary["trial_epochs"] == 18
+    assert summary["resumed"] is True and summary["trials"] == 3 and summary["trial_epochs"] == 3 * EPOCHS
     table = _table(tmp_path)
     assert sorted(row["trial_id"] for row in table) == sorted(path.name for path in trials)
-    assert all(row["epochs"] == "6" and row["stopped_early"] == "False" for row in table)
+    assert all(row["epochs_reported"] == str(EPOCHS) and row["stopped_early"] == "False" for row in table)
 
     # MLflow: the sweep's run was reopened (one parent), each trial has one child run (the interrupted one
     # was reopened too) with one curve point per epoch, and the resume is recorded where it happened.
@@ -194,7 +267,7 @@ def test_a_killed_sweep_resumes_finished_trials_kept_unfinished_continued(ray_ad
     by_trial = {child.data.tags["tune.trial_id"]: child for child in children}
     for row in table:
         history = client.get_metric_history(by_trial[row["trial_id"]].info.run_id, "train_loss")
-        assert sorted({m.step for m in history}) == list(range(1, 7))
+        assert sorted(m.step for m in history) == list(range(1, EPOCHS + 1))  # each once, the resumed one too
     resumed = client.get_metric_history(by_trial[interrupted.name].info.run_id, "resumed_from_epoch")
     assert [m.value for m in resumed] == [killed_at]
     assert not client.get_metric_history(by_trial[finished.name].info.run_id, "resumed_from_epoch")
@@ -235,14 +308,16 @@ def test_an_optuna_asha_sweep_table_agrees_with_its_mlflow_child_runs(ray_addres
         assert child.data.params["finetune.strategy"] == row["strategy"]
         assert float(child.data.params["augment.mixup_alpha"]) == float(row["mixup_alpha"])
         curve = sorted(client.get_metric_history(child.info.run_id, "val_acc"), key=lambda m: m.step)
-        assert int(row["epochs"]) == int(child.data.tags["tune.epochs"])
+        assert int(row["epochs_reported"]) == int(child.data.tags["tune.epochs_reported"])
         # A stopped trial's workers may finish the epoch in flight when ASHA's stop arrives: logged, run, counted.
-        assert len(curve) == int(row["epochs_run"]) in (int(row["epochs"]), int(row["epochs"]) + 1)
-        seen = curve[: int(row["epochs"])]  # what ASHA judged
+        reported = int(row["epochs_reported"])
+        assert [m.step for m in curve] == list(range(1, int(row["epochs_run"]) + 1))
+        assert int(row["epochs_run"]) in (reported, reported + 1)
+        seen = curve[:reported]  # what ASHA judged
         assert max(m.value for m in seen) == pytest.approx(float(row["best_val_acc"]))
         assert child.data.metrics["best_val_acc"] == pytest.approx(float(row["best_val_acc"]))
         assert child.data.tags["tune.stopped_early"] == row["stopped_early"]
-        assert (row["stopped_early"] == "True") == (int(row["epochs"]) < 4)
+        assert (row["stopped_early"] == "True") == (reported < 4)
         # Each layer group's LR is logged per epoch: the head at the drawn LR's schedule, the stem below it.
         head, stem = (
             client.get_metric_history(child.info.run_id, f"lr_{g}")[0].value for g in ("head", "stem")
@@ -258,6 +333,41 @@ def test_an_optuna_asha_sweep_table_agrees_with_its_mlflow_child_runs(ray_addres
     meta = torch.load(tmp_path / "models" / "model.pt", weights_only=True)["meta"]
     assert meta["num_classes"] == 10 and meta["pretrained"] == str(target["weights"])
     assert not math.isnan(json.loads((tmp_path / "tune.json").read_text())["best_val_acc"])
+
+
+@pytest.mark.integration
+def test_asha_stops_trials_that_fall_behind(ray_address, target, tmp_path):
+    """Trials one at a time, the first learning (lr 0.05) and the next two not at all (lr 1e-7; tune.seed 1
+    draws them in that order): at the rung after epoch 1 each later trial is below the cutoff of those before
+    it, so ASHA stops both there, and the table, MLflow, the summary and the output say so."""
+    params = _params(
+        tmp_path,
+        target["weights"],
+        num_samples=3,
+        seed=1,
+        max_concurrent_trials=1,
+        asha={"grace_period": 1, "reduction_factor": 2},
+    )
+    params["finetune"]["epochs"] = 2
+    params["tune"]["search_space"] = {"lr": {"distribution": "choice", "values": [0.05, 1e-7]}}
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    output = run_stage_ok(_command(tmp_path, target["data"]), stage_env(ray_address, tmp_path))
+    table = _table(tmp_path)
+    assert [(row["lr"], row["epochs_reported"], row["stopped_early"]) for row in table] == [
+        ("0.05", "2", "False"),
+        ("1e-07", "1", "True"),
+        ("1e-07", "1", "True"),
+    ]
+    _, _, children = _sweep_runs(tmp_path)
+    stopped = {c.data.tags["tune.trial_id"]: c.data.tags["tune.stopped_early"] for c in children}
+    assert stopped == {row["trial_id"]: row["stopped_early"] for row in table}
+    summary = json.loads((tmp_path / "tune.json").read_text())
+    assert (summary["stopped_early"], summary["budget_epochs"]) == (2, 6)
+    assert summary["trial_epochs"] in (4, 5, 6)  # a stopped trial may finish the epoch in flight
+    for row in table[1:]:
+        assert f"tune: trial {row['trial_id']} epoch 1/2: val_acc" in output
+        assert f"tune: trial {row['trial_id']} stopped by ASHA after epoch 1" in output
+    assert "tune: 3/3 trials done; best: 1. " + table[0]["trial_id"] in output
 
 
 @pytest.mark.integration
@@ -282,3 +392,35 @@ def test_a_sweep_keeps_its_state_and_checkpoints_in_s3(ray_address, target, tmp_
     assert best["checkpoint"].startswith("ray/sweeps/")  # a path in the bucket (on the S3 filesystem)
     meta = torch.load(tmp_path / "models" / "model.pt", weights_only=True)["meta"]
     assert meta["metrics"]["val_acc"] == pytest.approx(best["metrics"]["val_acc"])
+
+
+def test_the_replayed_asha_takes_the_decisions_of_ray_tunes(repo_root):
+    """benchmarks/asha_sim.py replays early stopping on recorded curves: its ASHA must stop exactly where Ray
+    Tune's own bracket does, for random results in a random arrival order."""
+    import random
+    import sys
+    from types import SimpleNamespace
+
+    from ray.tune.schedulers.async_hyperband import _Bracket
+
+    sys.path.insert(0, str(repo_root / "benchmarks"))
+    from asha_sim import Asha, Curve
+
+    rng = random.Random(0)
+    for grace, rf in ((1, 3), (1, 2), (2, 3)):
+        ours, theirs = Asha(grace, rf, 9), _Bracket(grace, 9, rf, 0)
+        curves = [Curve(f"t{i}", {}, [rng.random() for _ in range(9)], [1.0] * 9) for i in range(12)]
+        progress = dict.fromkeys(range(12), 0)
+        decisions = []
+        while progress:
+            index = rng.choice(sorted(progress))
+            progress[index] += 1
+            epoch, curve = progress[index], curves[index]
+            value = curve.values[epoch - 1]
+            stop = ours.on_result(curve, epoch, value)
+            expected = theirs.on_result(SimpleNamespace(trial_id=curve.trial_id), epoch, value) == "STOP"
+            decisions.append(stop)
+            assert stop == (expected or epoch >= 9), (grace, rf, curve.trial_id, epoch)
+            if stop or epoch == 9:
+                del progress[index]
+        assert any(decisions) and not all(decisions)
