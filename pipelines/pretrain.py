@@ -1,7 +1,11 @@
-"""Train a ResNet from scratch (pretrain.*) with Ray Train: a TorchTrainer, DDP over ray.num_workers workers.
+"""The weights fine-tuning starts from: train a ResNet from scratch (pretrain.*) with Ray Train, DDP over
+ray.num_workers workers; or, when finetune.pretrained names another source (torchvision, a file, S3, MLflow,
+none), take its weights without training.
 
 Outputs: models/pretrain/model.pt (the best epoch's weights by validation accuracy, with class names and
-normalisation), metrics/pretrain.json. Per-epoch curves go to an MLflow run named "pretrain".
+normalisation; or the source's weights), metrics/pretrain.json. Per-epoch curves go to an MLflow run named
+"pretrain". The tune stage fine-tunes from this file, so DVC sees one input whatever the source, and a change
+of pretrain.* re-runs tune only if it changes these bytes.
 """
 
 from __future__ import annotations
@@ -30,11 +34,46 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def take_starting_weights(cfg, args: argparse.Namespace, manifest: dict) -> None:
+    """finetune.pretrained names weights from elsewhere: hand them on as this stage's model file, untrained.
+    `none` is the random init pretraining would start from (finetune.model, a head for the pretraining data's
+    classes, drawn with pretrain.seed)."""
+    import torch
+
+    from resnet.engine import save_model_file
+    from resnet.io import write_json
+    from resnet.pretrained import describe_source, load_pretrained
+
+    source = cfg.finetune.pretrained
+    torch.manual_seed(cfg.pretrain.seed)
+    classes = len(manifest["classes"]) if source == "none" else None
+    start = load_pretrained(source, classes, model=cfg.finetune.model)
+    meta = {
+        "model_name": start.model_name,
+        "num_classes": start.model.fc.out_features,
+        "pretrained": source,
+        "digest": start.digest,
+    }
+    save_model_file(Path(args.out) / "model.pt", start.model, meta)
+    write_json(args.metrics, {"pretrained": source, "kind": describe_source(source), **meta})
+    print(
+        f"{STAGE}: finetune.pretrained is {source}: no pretraining; its weights ({start.model_name}, "
+        f"{meta['num_classes']} classes, sha256 {start.digest[:12]}) → {args.out}/model.pt"
+    )
+
+
 def run(args: argparse.Namespace) -> None:
     cfg = stage_config(args)
+    if cfg.finetune.pretrained != "pretrain":
+        from resnet.data.prepare import default_prepared_dir, read_manifest
+
+        return take_starting_weights(
+            cfg, args, read_manifest(args.data or default_prepared_dir(cfg.pretrain.dataset))
+        )
     from resnet.data.prepare import default_prepared_dir, read_manifest, resolve_location
     from resnet.distributed import (
         MODEL_FILE,
+        ProgressPrinter,
         TrainJob,
         copy_model_file,
         init_ray,
@@ -49,17 +88,23 @@ def run(args: argparse.Namespace) -> None:
     args.data = args.data or default_prepared_dir(cfg.pretrain.dataset)
     manifest = read_manifest(args.data)  # fail on missing data before starting anything
     data_hash = manifest["content_hash"]
+    # The name says what the run computes, so that running the stage again after a stop finds the run and
+    # resumes it, also after a change of how it is executed (ray.max_failures, placement, ...).
     run_name = args.run_name or "pretrain-" + run_fingerprint(
-        cfg.pretrain.model_dump(), cfg.augment.model_dump(), cfg.ray.num_workers, cfg.ray.use_gpu, data_hash
+        cfg.pretrain.model_dump(), cfg.augment.model_dump(), cfg.ray.result_settings(), data_hash
     )
-    init_ray(cfg.ray)
+    init_ray(cfg.ray, STAGE)
     storage = storage_path(cfg.ray)
     run_handle = start_stage_run(cfg.mlflow, STAGE, data_hash, resume_tags={"ray.run_name": run_name})
     with run_handle:
-        run_handle.log_params({"pretrain": cfg.pretrain.model_dump(), "augment": cfg.augment.model_dump()})
         run_handle.log_params(
-            {f"ray.{k}": v for k, v in cfg.ray.model_dump().items() if k not in ("address", "storage_path")}
+            {
+                "pretrain": cfg.pretrain.model_dump(),
+                "augment": cfg.augment.model_dump(),
+                "ray": cfg.ray.result_settings(),
+            }
         )
+        run_handle.record_settings(STAGE, {"ray": cfg.ray.execution_settings()})
         job = TrainJob(
             data_dir=resolve_location(args.data),
             optim=cfg.pretrain.model_dump(),
@@ -69,10 +114,19 @@ def run(args: argparse.Namespace) -> None:
             mlflow_run=run_handle,
             stage=STAGE,
         )
-        print(f"{STAGE}: Ray Train run {run_name} under {cfg.ray.storage_path}", flush=True)
+        verb = "resuming" if run_handle.resumed else "starting"
+        print(
+            f"{STAGE}: {verb} run {run_name}: {cfg.pretrain.model} on {cfg.pretrain.dataset}, "
+            f"{cfg.pretrain.epochs} epochs, {cfg.ray.num_workers} workers; checkpoints under {cfg.ray.storage_path}",
+            flush=True,
+        )
         metric, mode = cfg.pretrain.metric, cfg.pretrain.mode
-        trainer = make_trainer(job, cfg.ray, name=run_name, storage=storage, metric=metric, mode=mode)
-        result = trainer.fit()
+        progress = ProgressPrinter()
+        trainer = make_trainer(
+            job, cfg.ray, name=run_name, storage=storage, metric=metric, mode=mode, progress=progress
+        )
+        with progress.printing():
+            result = trainer.fit()
         if not result.best_checkpoints:
             raise PipelineError(f"{STAGE}: run {run_name} reported no checkpoint")
         pick = max if mode == "max" else min
@@ -91,6 +145,8 @@ def run(args: argparse.Namespace) -> None:
         )
         identical = len({replica["params_sha256"] for replica in meta["replicas"]}) == 1
         run_handle.set_tags({"ray.run_name": run_name, "ddp.replicas_identical": identical})
+        if not identical:
+            print(f"{STAGE}: warning: the DDP replicas ended with different weights: {meta['replicas']}")
         write_json(args.metrics, summary)
     print(f"{STAGE}: best epoch {best['epoch']}: val_acc {best['val_acc']:.4f} → {args.out}/{MODEL_FILE}")
 

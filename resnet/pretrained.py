@@ -147,18 +147,21 @@ class _SourceError(Exception):
 
 def load_pretrained(
     source: str,
-    num_classes: int,
+    num_classes: int | None,
     *,
     model: str | None = None,
     pretrain_path: str | Path = "models/pretrain/model.pt",
 ) -> Pretrained:
-    """The model ``source`` describes (see the module docstring), with a head for ``num_classes``.
+    """The model ``source`` describes (see the module docstring), with a head for ``num_classes`` (None: the
+    head the weights come with; ``none`` needs a count).
 
     ``model``: the architecture for ``none`` (required) and for a raw state dict (else inferred from its
     keys); for a source that names its architecture (a model file, torchvision weights) it must agree.
     """
-    if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
-        raise ValueError(f"num_classes must be an integer >= 1, got {num_classes!r}")
+    if num_classes is not None and (
+        isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1
+    ):
+        raise ValueError(f"num_classes must be an integer >= 1 or None, got {num_classes!r}")
     if model is not None and model not in MODELS:
         raise _error(
             source,
@@ -170,6 +173,8 @@ def load_pretrained(
         if kind == "none":
             if model is None:
                 raise _SourceError("needs finetune.model, the architecture to initialise at random")
+            if num_classes is None:
+                raise ValueError("a random init needs a class count for its head")
             net = build_model(model, num_classes)
             name = model
         elif kind == "pretrain":
@@ -190,7 +195,8 @@ def load_pretrained(
 
     digest = state_dict_digest(net.state_dict())
     num_pretrained = net.fc.out_features
-    replace_head(net, num_classes)
+    if num_classes is not None:
+        replace_head(net, num_classes)
     net.train()
     return Pretrained(
         model=net, model_name=name, source=source, digest=digest, num_pretrained_classes=num_pretrained

@@ -360,3 +360,50 @@ def test_all_has_its_own_help_and_validates_its_options(capsys):
     with pytest.raises(SystemExit) as exit_info:
         main(["all", "--out", "x"])  # stage-specific paths are not options of `all`
     assert exit_info.value.code == 2
+
+
+def test_pretrain_takes_the_weights_another_source_names_without_training(tmp_path, tiny_fractals, capsys):
+    """finetune.pretrained names a file: the pretrain stage hands its weights on as models/pretrain/model.pt
+    (what tune and DVC then depend on), untouched and without starting Ray."""
+    import torch
+
+    from resnet.engine import save_model_file
+    from resnet.models import build_model
+    from resnet.pretrained import state_dict_digest
+
+    torch.manual_seed(3)
+    source = tmp_path / "weights.pt"
+    weights = build_model("resnet20", 7).state_dict()
+    save_model_file(source, weights, {"model_name": "resnet20", "num_classes": 7})
+    params = tmp_path / "params.yaml"
+    params.write_text(yaml.safe_dump({"finetune": {"pretrained": str(source)}}))
+    out, metrics = tmp_path / "models", tmp_path / "pretrain.json"
+    argv = ["pretrain", "--params", str(params), "--data", str(tiny_fractals), "--out", str(out)]
+    assert main([*argv, "--metrics", str(metrics)]) == 0
+    blob = torch.load(out / "model.pt", weights_only=True)
+    assert blob["meta"] == {
+        "model_name": "resnet20",
+        "num_classes": 7,
+        "pretrained": str(source),
+        "digest": state_dict_digest(weights),
+    }
+    assert all(torch.equal(blob["model"][key], value) for key, value in weights.items())
+    assert json.loads(metrics.read_text())["kind"] == "file"
+    assert capsys.readouterr().out.startswith(f"pretrain: finetune.pretrained is {source}: no pretraining")
+
+
+def test_pretrain_with_pretrained_none_writes_the_seeded_random_init(tmp_path, tiny_fractals):
+    """`none`: the random init pretraining would start from (finetune.model, a head for the pretraining
+    data's 10 classes, pretrain.seed): the same bytes every time, other bytes for another seed."""
+    import torch
+
+    params = tmp_path / "params.yaml"
+    params.write_text(yaml.safe_dump({"finetune": {"pretrained": "none", "model": "resnet20"}}))
+    files = []
+    for seed in (0, 0, 1):
+        out = tmp_path / f"out{len(files)}"
+        argv = ["pretrain", "--params", str(params), "--data", str(tiny_fractals), "--out", str(out)]
+        assert main([*argv, "--metrics", str(tmp_path / "m.json"), "-S", f"pretrain.seed={seed}"]) == 0
+        files.append((out / "model.pt").read_bytes())
+    assert files[0] == files[1] != files[2]
+    assert torch.load(tmp_path / "out0" / "model.pt", weights_only=True)["meta"]["num_classes"] == 10
