@@ -30,8 +30,9 @@ class Curve:
 
     trial_id: str
     config: dict
-    values: list[float]  # the sweep metric after epochs 1..n (maximised)
+    values: list[float]  # the sweep metric after epochs 1..n (maximised: a loss is negated)
     seconds: list[float]  # the duration of epochs 1..n (the first includes the trial's start-up)
+    accuracy: list[float] = field(default_factory=list)  # validation accuracy after epochs 1..n
     head_only_epochs: int = 0  # epochs before any backbone group trains (lp_ft, gradual)
 
 
@@ -69,8 +70,21 @@ class Asha:
 @dataclass
 class Replay:
     epochs_run: dict[str, int]  # trial → epochs it ran
-    best: tuple[float, str, int]  # (metric, trial, epoch) of the best epoch seen
+    best: tuple[float, str, int]  # (metric, trial, epoch) the tune stage would pick
     seconds: float  # wall time with `slots` trials at once
+
+
+def stage_pick(curves: list[Curve], epochs_run: dict[str, int]) -> tuple[float, str, int]:
+    """The checkpoint the tune stage picks (`sweep.best_checkpoint_path`): the first trial, in trial order,
+    whose best result is the best of all (Tune's `get_best_result(scope="all")`), at its latest epoch with
+    that result."""
+    best = (-math.inf, "", 0)
+    for curve in curves:
+        seen = curve.values[: epochs_run.get(curve.trial_id, 0)]
+        if seen and max(seen) > best[0]:
+            top = max(seen)
+            best = (top, curve.trial_id, max(e for e, v in enumerate(seen, 1) if v == top))
+    return best
 
 
 def replay(curves: list[Curve], make_scheduler: Callable[[], Asha | None], slots: int) -> Replay:
@@ -80,7 +94,6 @@ def replay(curves: list[Curve], make_scheduler: Callable[[], Asha | None], slots
     pending = list(curves)
     events: list[tuple[float, int, int]] = []  # (time, trial index, epoch just finished)
     running, epochs_run = 0, {}
-    best = (-math.inf, "", 0)
     clock = 0.0
 
     def start(now: float) -> None:
@@ -97,12 +110,10 @@ def replay(curves: list[Curve], make_scheduler: Callable[[], Asha | None], slots
         curve = curves[index]
         value = curve.values[epoch - 1]
         epochs_run[curve.trial_id] = epoch
-        if value > best[0]:
-            best = (value, curve.trial_id, epoch)
         stop = scheduler.on_result(curve, epoch, value) if scheduler is not None else False
         if stop or epoch == len(curve.values):
             running -= 1
             start(clock)
         else:
             heapq.heappush(events, (clock + curve.seconds[epoch], index, epoch + 1))
-    return Replay(epochs_run, best, clock)
+    return Replay(epochs_run, stage_pick(curves, epochs_run), clock)

@@ -13,9 +13,11 @@ Needs the prepared target and the pretrain stage's model (`make repro`, or `dvc 
 2. Each scheduler below is replayed on those curves (benchmarks/asha_sim.py: Ray Tune's ASHA, two trials at
    once as on 2 CPUs, each epoch taking its recorded time), for the first 10 trials and for all: the sweeps are
    seeded and reproducible to the digit, so a replay is what the same sweep with that scheduler would do.
-   Reported per scheduler: the trial-epochs it runs ÷ every trial run to the end (cost), the gap between its
-   best validation result and the best of the same trials run to the end (points), and the test accuracy of
-   the checkpoint it picks (the evaluate stage's code).
+   Reported per scheduler: the trial-epochs it runs ÷ every trial run to the end (cost), the gap between the
+   checkpoint it picks and the one the same trials run to the end pick, in the sweep's metric (× 100: accuracy
+   points, or a loss × 100) and in validation accuracy points, and the test accuracy of the checkpoint it picks
+   (the evaluate stage's code). Picks are the tune stage's: the first trial with the best result, its latest
+   epoch with that result.
 3. `--confirm`: the tune stage with the params as they are (the default scheduler) for each seed, and the
    replay of that same scheduler beside it: the trials each stopped where, and the best each found, must agree.
 4. `--scratch`: the same sweep from a random init (`finetune.pretrained: none`, full fine-tuning only), run to
@@ -91,6 +93,7 @@ def read_curves(out: Path, cfg) -> list[Curve]:
     curves = []
     for run in sorted(children, key=lambda r: r.data.tags["tune.trial_id"]):
         history = sorted(client.get_metric_history(run.info.run_id, cfg.tune.metric), key=lambda m: m.step)
+        accuracy = sorted(client.get_metric_history(run.info.run_id, "val_acc"), key=lambda m: m.step)
         times = [run.info.start_time] + [m.timestamp for m in history]
         config = {k.split(".", 1)[1]: v for k, v in run.data.params.items()}
         strategy, lp_epochs = config["strategy"], int(config["lp_epochs"])
@@ -101,6 +104,7 @@ def read_curves(out: Path, cfg) -> list[Curve]:
                 values=[m.value if cfg.tune.mode == "max" else -m.value for m in history],
                 seconds=[(b - a) / 1000 for a, b in zip(times, times[1:], strict=False)],
                 head_only_epochs=lp_epochs if strategy in ("lp_ft", "gradual") else 0,
+                accuracy=[m.value for m in accuracy],
             )
         )
     return curves
@@ -114,6 +118,12 @@ def checkpoint_test_acc(out: Path, trial_id: str, epoch: int, data: str) -> floa
         if torch.load(model, weights_only=True)["meta"]["metrics"]["epoch"] == epoch:
             return evaluate_model_file(model, data).metrics["test_acc"]
     raise SystemExit(f"{out}: no checkpoint of trial {trial_id} epoch {epoch}")
+
+
+def val_acc(curves: list[Curve], pick: tuple[float, str, int]) -> float:
+    """The validation accuracy of a picked (metric, trial, epoch)."""
+    curve = next(c for c in curves if c.trial_id == pick[1])
+    return curve.accuracy[pick[2] - 1]
 
 
 def spread(values: list[float]) -> dict[str, float]:
@@ -168,7 +178,7 @@ def main() -> None:
     sizes = sorted({min(10, args.trials), args.trials})
     for name, make in {"to the end": None, **SCHEDULERS}.items():
         for n in sizes:
-            costs, gaps, tests, walls = [], [], [], []
+            costs, gaps, accuracy_gaps, tests, walls = [], [], [], [], []
             for seed in seeds:
                 out = cache / f"to_end-seed{seed}-n{args.trials}"
                 curves = curves_by_seed[seed][:n]
@@ -176,18 +186,21 @@ def main() -> None:
                 run = replay(curves, (lambda make=make: make(max_t)) if make else (lambda: None), SLOTS)
                 costs.append(sum(run.epochs_run.values()) / (n * max_t))
                 gaps.append(100 * (full.best[0] - run.best[0]))
+                accuracy_gaps.append(100 * (val_acc(curves, full.best) - val_acc(curves, run.best)))
                 tests.append(checkpoint_test_acc(out, run.best[1], run.best[2], data))
                 walls.append(run.seconds)
             key = f"{name} · {n} trials"
             report["schedulers"][key] = {
                 "cost": spread(costs),
-                "gap_points": spread(gaps),
+                "gap_points": spread(gaps),  # in the sweep metric (×100: accuracy points, or loss × 100)
+                "val_acc_gap_points": spread(accuracy_gaps),
                 "test_acc": spread(tests),
                 "wall_s": spread(walls),
             }
             print(
                 f"{key:<34} cost {statistics.mean(costs):6.1%} ± {statistics.pstdev(costs):5.1%}   "
-                f"gap {statistics.mean(gaps):5.2f} ± {statistics.pstdev(gaps):4.2f} pts (max {max(gaps):.2f})   "
+                f"gap {statistics.mean(gaps):5.2f} ± {statistics.pstdev(gaps):4.2f} (max {max(gaps):.2f})   "
+                f"val acc gap {statistics.mean(accuracy_gaps):5.2f} pts (max {max(accuracy_gaps):.2f})   "
                 f"test {statistics.mean(tests):.4f} ± {statistics.pstdev(tests):.4f}   "
                 f"wall {statistics.mean(walls):5.0f} s",
                 flush=True,

@@ -501,7 +501,7 @@ def test_override_on_non_mapping_file_is_a_config_error(tmp_path):
 def test_tune_mode_follows_metric():
     assert TuneConfig(metric="val_acc").mode == "max"
     assert TuneConfig(metric="val_loss").mode == "min"
-    assert TuneConfig().mode == "max"
+    assert TuneConfig().mode == "min"  # the default metric is val_loss
 
 
 def test_set_dotted_does_not_mutate_its_input():

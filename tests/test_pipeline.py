@@ -173,7 +173,7 @@ def test_the_output_says_what_happened_not_what_ray_did(project):
     epochs = [line.split(":")[0] for line in lines if line.startswith("pretrain epoch")]
     assert epochs == ["pretrain epoch 1/2", "pretrain epoch 2/2"]  # one line per epoch, once each
     trials = [line for line in lines if re.match(r"tune: trial \S+ epoch ", line)]
-    epoch_line = r"tune: trial \S+ epoch [12]/2: val_acc [01]\.\d{4}( \(best [01]\.\d{4}\): stopped by ASHA)?"
+    epoch_line = r"tune: trial \S+ epoch [12]/2: val_loss \d+\.\d{4}( \(best \d+\.\d{4}\): stopped by ASHA)?"
     assert len(trials) >= 2 and all(re.fullmatch(epoch_line, line) for line in trials), trials
     assert any(line.startswith("tune: 2/2 trials done; best: 1. ") for line in lines)
     assert any(line.startswith("evaluate: test accuracy") for line in lines)

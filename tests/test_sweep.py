@@ -92,7 +92,7 @@ def test_sweep_table_keeps_a_drawn_epochs_and_says_who_stopped_a_trial():
     from resnet.sweep import sweep_table
 
     space = {"epochs": {"distribution": "choice", "values": [3, 6]}}
-    cfg = parse_config({"finetune": {"epochs": 6}, "tune": {"search_space": space}})
+    cfg = parse_config({"finetune": {"epochs": 6}, "tune": {"metric": "val_acc", "search_space": space}})
     results = [
         _Result("a", {"epochs": 3}, [1, 2, 3], [0.5, 0.6, 0.7]),  # a short trial run to its own end
         _Result("b", {"epochs": 6}, [1, 2], [0.4, 0.45]),  # ASHA stopped it
@@ -163,7 +163,7 @@ def _params(work: Path, weights: Path, **tune) -> dict:
             "lr": 0.05,
         },
         "augment": {"crop_padding": 0},
-        "tune": {"workers_per_trial": 1, **tune},
+        "tune": {"workers_per_trial": 1, "metric": "val_acc", **tune},  # the tests read accuracies
         "ray": {"storage_path": str(work / "ray"), "max_failures": 0},
     }
 
