@@ -12,7 +12,8 @@ Needs the prepared target and the pretrain stage's model (`make repro`, or `dvc 
    A cached seed is not run again.
 2. Each scheduler below is replayed on those curves (benchmarks/asha_sim.py: Ray Tune's ASHA, two trials at
    once as on 2 CPUs, each epoch taking its recorded time), for the first 10 trials and for all: the sweeps are
-   seeded and reproducible to the digit, so a replay is what the same sweep with that scheduler would do.
+   seeded and reproducible to the digit, so a replay is what the same sweep with that scheduler would do
+   (`--sizes 8,10`: replay the first 8 and the first 10 trials instead).
    Reported per scheduler: the trial-epochs it runs ÷ every trial run to the end (cost), the gap between the
    checkpoint it picks and the one the same trials run to the end pick, in the sweep's metric (× 100: accuracy
    points, or a loss × 100) and in validation accuracy points, and the test accuracy of the checkpoint it picks
@@ -143,6 +144,9 @@ def main() -> None:
     parser.add_argument("-S", "--set", dest="overrides", action="append", type=parse_override, default=[])
     parser.add_argument("--seeds", default="0,1,2")
     parser.add_argument("--trials", type=int, default=20, help="trials per seed, run to the end")
+    parser.add_argument(
+        "--sizes", default=None, help="sweep sizes to replay, e.g. 8,10 (default: 10 and --trials)"
+    )
     parser.add_argument("--confirm", action="store_true", help="also run the configured scheduler for real")
     parser.add_argument("--scratch", action="store_true", help="also run the sweep from a random init")
     parser.add_argument("--pretrain-model", default="models/pretrain/model.pt")
@@ -176,6 +180,8 @@ def main() -> None:
         assert len(curves_by_seed[seed]) == args.trials, (seed, len(curves_by_seed[seed]))
 
     sizes = sorted({min(10, args.trials), args.trials})
+    if args.sizes:
+        sizes = sorted({min(int(n), args.trials) for n in args.sizes.split(",")})
     for name, make in {"to the end": None, **SCHEDULERS}.items():
         for n in sizes:
             costs, gaps, accuracy_gaps, tests, walls = [], [], [], [], []

@@ -55,6 +55,7 @@ def run(args: argparse.Namespace) -> None:
     from resnet.sweep import (
         best_checkpoint_path,
         close_trial_runs,
+        describe_draw,
         run_sweep,
         split_draw,
         sweep_summary,
@@ -159,7 +160,8 @@ def run(args: argparse.Namespace) -> None:
         f"best {metric} {summary[f'best_{metric}']:.4f}"
     )
     print(
-        f"{STAGE}: best trial {best_row['trial_id']} epoch {record['epoch']}: {best.config} → {args.out}/{MODEL_FILE}"
+        f"{STAGE}: best trial {best_row['trial_id']} epoch {record['epoch']} ({describe_draw(best.config)}) "
+        f"→ {args.out}/{MODEL_FILE}"
     )
 
 

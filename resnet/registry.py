@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
+import logging
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -10,6 +14,26 @@ from resnet.config import Config
 from resnet.errors import PipelineError
 from resnet.predict import load_classifier
 from resnet.tracking import start_stage_run
+
+# What MLflow prints while it registers: the stage says what happened in one line of its own instead.
+REGISTRY_CHATTER = ("Successfully registered model ", "Registered model ", "Created version ")
+
+
+@contextlib.contextmanager
+def _registry_chatter_kept_out():
+    """Drop MLflow's registration messages (printed to stderr) and its warning that an environment without pip
+    has no pip version to record (nothing a user can act on); anything else printed is passed on."""
+    environment_log = logging.getLogger("mlflow.utils.environment")
+    level = environment_log.level
+    environment_log.setLevel(logging.ERROR)
+    printed = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(printed):
+            yield
+    finally:
+        environment_log.setLevel(level)
+        kept = [line for line in printed.getvalue().splitlines(True) if not line.startswith(REGISTRY_CHATTER)]
+        sys.stderr.write("".join(kept))
 
 
 def register_model(model_path: str | Path, cfg: Config, *, test_metrics: dict) -> dict:
@@ -30,7 +54,7 @@ def register_model(model_path: str | Path, cfg: Config, *, test_metrics: dict) -
         run.log_params({"model_name": meta["model_name"], "num_classes": meta["num_classes"]})
         run.log_metrics({k: v for k, v in test_metrics.items() if isinstance(v, int | float)})
         mlflow.set_tracking_uri(tracking_uri)
-        with mlflow.start_run(run_id=run.run_id):
+        with mlflow.start_run(run_id=run.run_id), _registry_chatter_kept_out():
             info = mlflow.pytorch.log_model(
                 classifier,
                 name="model",

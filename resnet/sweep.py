@@ -257,8 +257,7 @@ class SweepReporter(tune.Callback):
         return int((trial.config or {}).get("epochs", self.default_epochs))
 
     def on_trial_start(self, iteration, trials, trial, **info):
-        draw = ", ".join(f"{key}={_short(value)}" for key, value in (trial.config or {}).items())
-        print(f"tune: trial {trial.trial_id} started: {draw}", flush=True)
+        print(f"tune: trial {trial.trial_id} started: {describe_draw(trial.config or {})}", flush=True)
 
     def on_trial_result(self, iteration, trials, trial, result, **info):
         if self.metric not in result or "epoch" not in result:
@@ -297,6 +296,11 @@ class SweepReporter(tune.Callback):
 
 def _short(value: Any) -> str:
     return f"{value:.3g}" if isinstance(value, float) else str(value)
+
+
+def describe_draw(config: dict) -> str:
+    """A trial's drawn values for a person: `lr=0.0383, strategy=full, …` (floats to 3 significant digits)."""
+    return ", ".join(f"{key}={_short(value)}" for key, value in config.items())
 
 
 def _history(result):

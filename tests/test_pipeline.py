@@ -144,8 +144,9 @@ def test_mlflow_has_runs_curves_and_nested_trials(project):
 
 
 # What only Ray's internals print: the worker/controller log prefixes, its checkpoint bookkeeping, Tune's
-# tables, and the controller's timeouts on a busy machine. None of it belongs in a stage's output.
-RAY_NOISE = (
+# tables, and the controller's timeouts on a busy machine; and MLflow's registry chatter (the register stage
+# says what happened in a line of its own). None of it belongs in a stage's output.
+FRAMEWORK_NOISE = (
     "(RayTrainWorker",
     "(TrainController",
     "(raylet",
@@ -162,12 +163,16 @@ RAY_NOISE = (
     "Token authentication",
     "INFO worker.py",
     "Creating initial MLflow database tables",
+    "Successfully registered model",
+    "already exists. Creating a new version",
+    "Created version",
+    "Failed to resolve installed pip version",
 )
 
 
 def test_the_output_says_what_happened_not_what_ray_did(project):
     out = project["first"].stdout + project["first"].stderr
-    noise = [line for line in out.splitlines() if any(marker in line for marker in RAY_NOISE)]
+    noise = [line for line in out.splitlines() if any(marker in line for marker in FRAMEWORK_NOISE)]
     assert noise == []
     lines = out.splitlines()
     epochs = [line.split(":")[0] for line in lines if line.startswith("pretrain epoch")]
@@ -176,6 +181,12 @@ def test_the_output_says_what_happened_not_what_ray_did(project):
     epoch_line = r"tune: trial \S+ epoch [12]/2: val_loss \d+\.\d{4}( \(best \d+\.\d{4}\): stopped by ASHA)?"
     assert len(trials) >= 2 and all(re.fullmatch(epoch_line, line) for line in trials), trials
     assert any(line.startswith("tune: 2/2 trials done; best: 1. ") for line in lines)
+    best = [line for line in lines if line.startswith("tune: best trial ")]
+    draw = r"\w+=[^,{}()]+"
+    assert len(best) == 1 and re.fullmatch(
+        rf"tune: best trial \S+ epoch \d+ \(({draw}, )*{draw}\) → \S+", best[0]
+    ), best
+    assert not re.search(r"\d\.\d{5}", best[0]), best  # drawn floats to 3 significant digits
     assert any(line.startswith("evaluate: test accuracy") for line in lines)
     assert any(line.startswith("register: resnet-digits version") for line in lines)
 
