@@ -191,6 +191,25 @@ def test_the_output_says_what_happened_not_what_ray_did(project):
     assert any(line.startswith("register: resnet-digits version") for line in lines)
 
 
+def test_the_sweep_plot_draws_columns_of_the_sweep_table(project):
+    """`dvc plots show` of plots/sweep.csv: its axes are columns the tune stage wrote (best_<tune.metric>)."""
+    work = project["dir"]
+    shown = subprocess.run(
+        [sys.executable, "-m", "dvc", "plots", "show", "--json", "plots/sweep.csv"],
+        cwd=work,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert shown.returncode == 0, shown.stderr[-2000:]
+    (plot,) = json.loads(shown.stdout)["data"]["plots/sweep.csv"]
+    encoding, rows = plot["content"]["encoding"], plot["content"]["data"]["values"]
+    axes = (encoding["x"]["field"], encoding["y"]["field"])
+    assert axes == ("epochs_reported", f"best_{project['params']['tune'].get('metric', 'val_loss')}")
+    assert len(rows) == project["params"]["tune"]["num_samples"]
+    assert all(float(row[axes[0]]) >= 1 and float(row[axes[1]]) >= 0 for row in rows), rows
+
+
 def test_second_repro_changes_nothing(project):
     work = project["dir"]
     registered = (work / "registry/registered.json").read_bytes()
