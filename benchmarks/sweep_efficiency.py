@@ -1,6 +1,6 @@
 """What early stopping saves and what it misses, over several seeds of the sweep, for several schedulers.
 
-    uv run python benchmarks/sweep_efficiency.py [--seeds 0,1,2] [--trials 20] [--confirm] [--scratch]
+    uv run python benchmarks/sweep_efficiency.py [--seeds 0,1,2] [--trials 20] [--sizes 8,10] [--confirm] [--scratch]
         [--params params.yaml] [-S key=value ...] [--cache DIR] [--json PATH]
 
 Needs the prepared target and the pretrain stage's model (`make repro`, or `dvc repro pretrain`).
