@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import datetime
-import hashlib
 import json
 import math
 import os
@@ -41,6 +40,7 @@ try:
     from resnet.data.loading import PreparedData, Split
     from resnet.engine import fit
     from resnet.models import build_model
+    from resnet.pretrained import state_dict_digest
 
     IMPORT_ERROR: ImportError | None = None
 except ImportError as err:  # `summary` needs none of these; each check reports the error as its result
@@ -201,14 +201,6 @@ def check_env(args: argparse.Namespace) -> int:
 # ---------------------------------------------------------------- 2. DDP
 
 
-def param_digest(model: torch.nn.Module) -> str:
-    digest = hashlib.sha256()
-    for name, param in model.named_parameters():
-        digest.update(name.encode())
-        digest.update(param.detach().cpu().contiguous().numpy().tobytes())
-    return digest.hexdigest()
-
-
 def check_ddp(args: argparse.Namespace) -> int:
     """One rank under torchrun: fit resnet20 for `epochs` epochs with DDP, then compare ranks."""
     rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
@@ -251,7 +243,7 @@ def check_ddp(args: argparse.Namespace) -> int:
         sync(device)
         figures["fit_seconds"] = round(time.perf_counter() - started, 2)
         figures["epochs"] = metrics
-        figures["param_sha256"] = param_digest(model)
+        figures["param_sha256"] = state_dict_digest(dict(model.named_parameters()))
     except Exception as err:
         # Written before any further collective: a rank that failed must not wait on the others.
         write_result(args.out, name, "FAIL", figures, short_error(err))

@@ -64,13 +64,12 @@ def take_starting_weights(cfg, args: argparse.Namespace, manifest: dict) -> None
 
 def run(args: argparse.Namespace) -> None:
     cfg = stage_config(args)
-    if cfg.finetune.pretrained != "pretrain":
-        from resnet.data.prepare import default_prepared_dir, read_manifest
-
-        return take_starting_weights(
-            cfg, args, read_manifest(args.data or default_prepared_dir(cfg.pretrain.dataset))
-        )
     from resnet.data.prepare import default_prepared_dir, read_manifest, resolve_location
+
+    args.data = args.data or default_prepared_dir(cfg.pretrain.dataset)
+    manifest = read_manifest(args.data)  # fail on missing data before starting anything
+    if cfg.finetune.pretrained != "pretrain":
+        return take_starting_weights(cfg, args, manifest)
     from resnet.distributed import (
         MODEL_FILE,
         ProgressPrinter,
@@ -85,8 +84,6 @@ def run(args: argparse.Namespace) -> None:
     from resnet.io import write_json
     from resnet.tracking import start_stage_run
 
-    args.data = args.data or default_prepared_dir(cfg.pretrain.dataset)
-    manifest = read_manifest(args.data)  # fail on missing data before starting anything
     data_hash = manifest["content_hash"]
     # The name says what the run computes, so that running the stage again after a stop finds the run and
     # resumes it, also after a change of how it is executed (ray.max_failures, placement, ...).

@@ -40,6 +40,7 @@ from resnet.engine import TrainState, fit, save_model_file
 from resnet.finetune import FinetunePlan
 from resnet.io import atomic_path
 from resnet.models import build_model
+from resnet.pretrained import state_dict_digest
 
 # Progress lines from rank 0. Through a logger, not print: Ray Train tees a worker's prints to its log and its
 # stdout, and the driver would show each line twice.
@@ -308,14 +309,11 @@ def replica_fingerprints(model: torch.nn.Module) -> list[dict[str, Any]]:
     bit-identical; a difference means the ranks silently trained different models."""
     import torch.distributed as dist
 
-    digest = hashlib.sha256()
-    for tensor in model.parameters():
-        digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
     context = ray.train.get_context()
     mine = {
         "rank": context.get_world_rank(),
         "node_id": ray.get_runtime_context().get_node_id(),
-        "params_sha256": digest.hexdigest(),
+        "params_sha256": state_dict_digest(dict(model.named_parameters())),
     }
     if not (dist.is_available() and dist.is_initialized()):
         return [mine]

@@ -59,14 +59,9 @@ def split_draw(sampled: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]
     return finetune, augment
 
 
-def max_epochs(cfg: Config) -> int:
-    """The epoch at which the longest trial has run to the end: ASHA's `max_t`."""
-    return cfg.max_trial_epochs
-
-
-def trial_epochs(cfg: Config, config: dict[str, Any]) -> int:
-    """The length of the trial with the sampled `config`: its drawn epochs, else finetune.epochs."""
-    return int(config.get("epochs", cfg.finetune.epochs))
+def trial_epochs(config: dict[str, Any], default: int) -> int:
+    """The length of the trial with the sampled `config`: its drawn epochs, else `default` (finetune.epochs)."""
+    return int(config.get("epochs", default))
 
 
 def trial_resources(cfg: Config) -> dict[str, float]:
@@ -208,7 +203,7 @@ def run_sweep(
     # after a restore reports epochs k+1.. while Tune would count its iterations from 1 again.
     scheduler = ASHAScheduler(
         time_attr=cfg.tune.asha.clock,
-        max_t=max_epochs(cfg),
+        max_t=cfg.max_trial_epochs,  # the longest trial's length
         grace_period=cfg.tune.asha.grace_period,
         reduction_factor=cfg.tune.asha.reduction_factor,
     )
@@ -254,7 +249,7 @@ class SweepReporter(tune.Callback):
         return value > than if self.mode == "max" else value < than
 
     def _length(self, trial) -> int:
-        return int((trial.config or {}).get("epochs", self.default_epochs))
+        return trial_epochs(trial.config or {}, self.default_epochs)
 
     def on_trial_start(self, iteration, trials, trial, **info):
         print(f"tune: trial {trial.trial_id} started: {describe_draw(trial.config or {})}", flush=True)
@@ -329,7 +324,7 @@ def sweep_table(results, cfg: Config) -> list[dict[str, Any]]:
             index = history[metric].idxmax() if mode == "max" else history[metric].idxmin()
             best, best_epoch = float(history.loc[index, metric]), int(history.loc[index, "epoch"])
             engine_stopped = "early_stopped" in history and bool(history["early_stopped"].iloc[-1])
-        length = trial_epochs(cfg, config)
+        length = trial_epochs(config, cfg.finetune.epochs)
         row.update(
             {
                 "max_epochs": length,

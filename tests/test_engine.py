@@ -61,6 +61,18 @@ OPTIM = PretrainConfig(
 NO_AUGMENT = AugmentConfig(crop_padding=0, hflip=False)
 
 
+def make_stepper(model: torch.nn.Module, optim, accumulate_steps: int, *, scaler=None) -> Stepper:
+    optimizer = build_optimizer(model, optim)
+    return Stepper(
+        model=model,
+        optimizer=optimizer,
+        scheduler=build_scheduler(optimizer, optim, steps_per_epoch=100),
+        scaler=scaler if scaler is not None else torch.amp.GradScaler("cpu", enabled=False),
+        accumulate_steps=accumulate_steps,
+        grad_clip_norm=optim.grad_clip_norm,
+    )
+
+
 def train(epochs_seen: list, resume: TrainState | None = None, states: dict | None = None):
     torch.manual_seed(0)
     model = build_model("resnet20", 2)
@@ -138,10 +150,7 @@ def test_every_collective_of_an_epoch_uses_the_model_device(monkeypatch, tmp_pat
         torch.manual_seed(0)
         model = build_model("resnet20", 2)
         net = torch.nn.parallel.DistributedDataParallel(model)
-        optimizer = build_optimizer(model, OPTIM)
-        stepper = Stepper(
-            model, optimizer, build_scheduler(optimizer, OPTIM, 4), torch.amp.GradScaler("cpu", enabled=False)
-        )
+        stepper = make_stepper(model, OPTIM, accumulate_steps=1)
         data = tiny_data()
         normalize = Normalize(data.mean, data.std)
         batches = data.train_epoch(16, epoch=0, seed=0)
@@ -188,10 +197,7 @@ def test_training_with_prefetched_batches_is_bit_identical():
     def weights_after_epoch(prefetch_batches: int) -> dict:
         torch.manual_seed(0)
         model = build_model("resnet20", 2)
-        optimizer = build_optimizer(model, OPTIM)
-        stepper = Stepper(
-            model, optimizer, build_scheduler(optimizer, OPTIM, 4), torch.amp.GradScaler("cpu", enabled=False)
-        )
+        stepper = make_stepper(model, OPTIM, accumulate_steps=1)
         data = tiny_data()
         stats = train_epoch(
             model,

@@ -19,7 +19,7 @@ import time
 import numpy as np
 import pytest
 import torch
-from test_engine import CPU, NO_AUGMENT, bright_vs_dark, tiny_data
+from test_engine import CPU, NO_AUGMENT, bright_vs_dark, make_stepper, tiny_data
 from torch import nn
 
 from resnet.config import ConfigError, FinetuneConfig, PretrainConfig, parse_config
@@ -261,18 +261,6 @@ def test_groups_with_different_lrs_keep_their_ratio(schedule):
 
 
 # ---------------------------------------------------------------- gradient accumulation
-
-
-def make_stepper(model: nn.Module, optim, accumulate_steps: int, *, scaler=None) -> Stepper:
-    optimizer = build_optimizer(model, optim)
-    return Stepper(
-        model=model,
-        optimizer=optimizer,
-        scheduler=build_scheduler(optimizer, optim, steps_per_epoch=100),
-        scaler=scaler if scaler is not None else torch.amp.GradScaler("cpu", enabled=False),
-        accumulate_steps=accumulate_steps,
-        grad_clip_norm=optim.grad_clip_norm,
-    )
 
 
 def run_train_epoch(model: nn.Module, batches, stepper: Stepper):

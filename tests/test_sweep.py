@@ -33,13 +33,15 @@ def test_split_draw_sends_each_key_to_its_section():
 
 def test_max_epochs_and_summary():
     from resnet.config import parse_config
-    from resnet.sweep import max_epochs, sweep_summary
+    from resnet.sweep import sweep_summary
 
     cfg = parse_config({"finetune": {"epochs": 6}})
-    assert max_epochs(cfg) == 6
+    assert cfg.max_trial_epochs == 6
     space = {"epochs": {"distribution": "randint", "low": 2, "high": 9}}
-    assert max_epochs(parse_config({"tune": {"search_space": space}})) == 8
-    assert max_epochs(parse_config({"finetune": {"epochs": 6}, "tune": {"asha": {"max_epochs": 6}}})) == 6
+    assert parse_config({"tune": {"search_space": space}}).max_trial_epochs == 8
+    assert (
+        parse_config({"finetune": {"epochs": 6}, "tune": {"asha": {"max_epochs": 6}}}).max_trial_epochs == 6
+    )
     # Each trial's budget is its own length: a drawn 4-epoch trial costs 4, not the longest trial's 8.
     table = [
         {
