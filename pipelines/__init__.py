@@ -1,4 +1,2 @@
-"""The DVC stages, one short module each: read params.yaml, call the library, write the declared outputs.
-
-Run one with `python -m pipelines.<stage>` (what dvc.yaml does) or `resnet-pipeline <stage>`.
-"""
+"""DVC's entry points, one per stage: `python -m pipelines.<stage>` parses the stage's options and runs
+resnet.stages.<stage> (the library function the installed CLI and a Ray job run too)."""

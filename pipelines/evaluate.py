@@ -1,57 +1,8 @@
-"""Evaluate the tuned model on the held-out test split, in one plain PyTorch process (no Ray).
+"""DVC's entry point of the evaluate stage (dvc.yaml runs `python -m pipelines.evaluate`): the stage itself, its options
+and its outputs are resnet.stages.evaluate; `resnet-pipeline evaluate` runs the same."""
 
-Outputs: metrics/eval.json (test accuracy and loss, per-class accuracy), plots/confusion.csv (actual and
-predicted class of every test image, for `dvc plots`). Also logged to an MLflow run named "evaluate".
-"""
-
-from __future__ import annotations
-
-import argparse
-
-from resnet.cli import run_stage, stage_config
-
-STAGE = "evaluate"
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--data", default=None, help="prepared dataset (default: data/prepared/<finetune.dataset>)"
-    )
-    parser.add_argument("--model", default="models/tune/model.pt", help="model file (default: %(default)s)")
-    parser.add_argument("--metrics", default="metrics/eval.json", help="metrics file (default: %(default)s)")
-    parser.add_argument(
-        "--confusion", default="plots/confusion.csv", help="per-image predictions (default: %(default)s)"
-    )
-
-
-def run(args: argparse.Namespace) -> None:
-    cfg = stage_config(args)
-    from resnet.data.prepare import default_prepared_dir
-
-    args.data = args.data or default_prepared_dir(cfg.finetune.dataset)
-    from resnet.evaluate import evaluate_model_file
-    from resnet.io import write_csv, write_json
-
-    report = evaluate_model_file(args.model, args.data)
-    write_json(args.metrics, report.metrics)
-    write_csv(args.confusion, report.predictions, columns=("actual", "predicted"))
-
-    # Imported only now: mlflow takes seconds to import, and a bad model or dataset should fail before that.
-    from resnet.tracking import start_stage_run
-
-    run_handle = start_stage_run(cfg.mlflow, STAGE, report.data_hash)
-    with run_handle:
-        run_handle.log_metrics({k: v for k, v in report.metrics.items() if isinstance(v, int | float)})
-        run_handle.log_artifact(args.metrics)
-        run_handle.log_artifact(args.confusion)
-    print(
-        f"evaluate: test accuracy {report.metrics['test_acc']:.4f} on {report.metrics['test_images']} images"
-    )
-
-
-def main(argv=None) -> int:
-    return run_stage(STAGE, __doc__, add_arguments, run, argv)
-
+from resnet.cli import stage_main
+from resnet.stages import evaluate
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    raise SystemExit(stage_main(evaluate))

@@ -1,52 +1,8 @@
-"""Log the tuned model to MLflow with an input example, register it, and point the alias at the new version.
+"""DVC's entry point of the register stage (dvc.yaml runs `python -m pipelines.register`): the stage itself, its options
+and its outputs are resnet.stages.register; `resnet-pipeline register` runs the same."""
 
-Outputs: registry/registered.json (name, version, alias, model URI, run id, test accuracy). Load the model with
-`mlflow.pytorch.load_model("models:/<register.model_name>@<register.alias>")`.
-"""
-
-from __future__ import annotations
-
-import argparse
-import json
-from pathlib import Path
-
-from resnet.cli import run_stage, stage_config
-
-STAGE = "register"
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", default="models/tune/model.pt", help="model file (default: %(default)s)")
-    parser.add_argument(
-        "--eval-metrics", default="metrics/eval.json", help="evaluation metrics (default: %(default)s)"
-    )
-    parser.add_argument(
-        "--out", default="registry/registered.json", help="registration record (default: %(default)s)"
-    )
-
-
-def run(args: argparse.Namespace) -> None:
-    cfg = stage_config(args)
-    from resnet.errors import PipelineError
-    from resnet.io import write_json
-    from resnet.registry import register_model
-
-    try:
-        metrics = json.loads(Path(args.eval_metrics).read_text())
-    except FileNotFoundError:
-        raise PipelineError(
-            f"{args.eval_metrics}: no such metrics file; run the evaluate stage first"
-        ) from None
-    record = register_model(args.model, cfg, test_metrics=metrics)
-    write_json(args.out, record)
-    print(
-        f"register: {record['name']} version {record['version']} is now @{record['alias']} ({record['model_uri']})"
-    )
-
-
-def main(argv=None) -> int:
-    return run_stage(STAGE, __doc__, add_arguments, run, argv)
-
+from resnet.cli import stage_main
+from resnet.stages import register
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    raise SystemExit(stage_main(register))

@@ -1,8 +1,10 @@
-"""`resnet-pipeline <stage> [options]`: the stages of dvc.yaml as subcommands, plus `all` to run them in order.
+"""`resnet-pipeline <stage> [options]`: the stages of dvc.yaml as subcommands, plus `all` to run them in order,
+and the commands that take the pipeline off the laptop (`stack`, `submit`).
 
-Each stage lives in `pipelines/<stage>.py` (what `dvc repro` runs); this module only dispatches to them and
-holds what they share: the common options and the error handling. A `PipelineError` (bad params, bad data)
-prints one line and exits 2; anything else is a bug and keeps its traceback.
+Each stage is a library function in `resnet/stages/<stage>.py`; `pipelines/<stage>.py` (what `dvc repro` runs)
+and this CLI (what the wheel installs) both call it through `stage_main`, which holds what they share: the
+common options and the error handling. A `PipelineError` (bad params, bad data) prints one line and exits 2;
+anything else is a bug and keeps its traceback.
 """
 
 from __future__ import annotations
@@ -10,15 +12,16 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
+from types import ModuleType
 from typing import Any
 
 import yaml
 
-from resnet.config import DEFAULT_PARAMS, Config, load_config
+from resnet.config import DEFAULT_PARAMS, load_config
 from resnet.errors import PipelineError
+from resnet.stages import STAGES
 
-STAGES = ("prepare", "pretrain", "tune", "evaluate", "register")
 PROG = "resnet-pipeline"
 
 
@@ -47,42 +50,47 @@ def stage_parser(stage: str, description: str | None) -> argparse.ArgumentParser
     return parser
 
 
-def stage_config(args: argparse.Namespace) -> Config:
-    return load_config(args.params, dict(args.overrides))
+def stage_module(stage: str) -> ModuleType:
+    """resnet.stages.<stage>, imported only when asked for (each stage imports what it needs lazily)."""
+    return importlib.import_module(f"resnet.stages.{stage}")
 
 
-def run_stage(
-    stage: str,
-    description: str | None,
-    add_arguments: Callable[[argparse.ArgumentParser], None],
-    run: Callable[[argparse.Namespace], None],
-    argv: Sequence[str] | None,
-) -> int:
-    """Parse `argv` for `stage` and run it; a `PipelineError` becomes one line on stderr and exit code 2."""
-    parser = stage_parser(stage, description)
-    add_arguments(parser)
-    args = parser.parse_args(argv)
+def stage_main(stage: ModuleType, argv: Sequence[str] | None = None) -> int:
+    """Parse `argv` for the stage module `stage`, load params.yaml with the overrides, and run the stage; a
+    `PipelineError` becomes one line on stderr and exit code 2."""
+    name = stage.STAGE
+    parser = stage_parser(name, stage.__doc__)
+    stage.add_arguments(parser)
+    args = parser.parse_args(sys.argv[1:] if argv is None else argv)
+    options = {k: v for k, v in vars(args).items() if k not in ("params", "overrides")}
     try:
-        run(args)
+        stage.run(load_config(args.params, dict(args.overrides)), **options)
     except PipelineError as err:
-        print(f"{PROG} {stage}: error: {err}", file=sys.stderr)
+        print(f"{PROG} {name}: error: {err}", file=sys.stderr)
         return 2
     return 0
 
 
-def _stage_module(stage: str):
-    return importlib.import_module(f"pipelines.{stage}")
+# Commands besides the stages: (module, first line of help). Each module has main(argv) -> int.
+COMMANDS = {
+    "stack": ("resnet.stack", "the local stack: S3, MLflow server, a Ray cluster (up, down, status)"),
+    "submit": ("resnet.jobs", "submit the pipeline to a Ray cluster as a job, and bring its results back"),
+    "repro-job": ("resnet.jobs", "(what a submitted job runs) dvc pull, dvc repro, dvc push in a fresh copy"),
+}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] in STAGES:
-        return _stage_module(argv[0]).main(argv[1:])
+        return stage_main(stage_module(argv[0]), argv[1:])
+    if argv and argv[0] in COMMANDS:
+        command = importlib.import_module(COMMANDS[argv[0]][0])
+        return command.main(argv[1:]) if argv[0] != "repro-job" else command.repro_job_main(argv[1:])
     if argv and argv[0] == "all":
         # The whole pipeline in one process (one Ray connection), every stage with its default paths.
         stage_parser("all", "Run every stage in order, with default paths.").parse_args(argv[1:])
         for stage in STAGES:
-            code = _stage_module(stage).main(argv[1:])
+            code = stage_main(stage_module(stage), argv[1:])
             if code:
                 return code
         return 0
@@ -91,11 +99,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         description="From an image dataset to a registered ResNet: the DVC stages of this project.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="stages, in order:\n"
-        + "\n".join(f"  {s:<10}{(_stage_module(s).__doc__ or '').strip().splitlines()[0]}" for s in STAGES)
+        + "\n".join(f"  {s:<10}{(stage_module(s).__doc__ or '').strip().splitlines()[0]}" for s in STAGES)
         + f"\n  {'all':<10}every stage in order, with default paths"
+        + "\n\ncommands:\n"
+        + "\n".join(f"  {c:<10}{doc}" for c, (_, doc) in COMMANDS.items())
         + f"\n\n'{PROG} STAGE --help' shows a stage's options.",
     )
-    parser.add_argument("stage", choices=(*STAGES, "all"))
+    parser.add_argument("stage", choices=(*STAGES, "all", *COMMANDS))
     parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     parser.parse_args(argv)
     return 2  # unreachable: an accepted stage returned above, anything else exited in parse_args

@@ -268,7 +268,7 @@ def test_unknown_dataset_is_refused_naming_the_known_ones(tmp_path, capsys, monk
     assert main(["prepare", "--dataset", "digits", "--dataset", "flowers"]) == 2
     captured = capsys.readouterr()
     assert captured.err.splitlines() == [
-        "resnet-pipeline prepare: error: params.yaml: --dataset flowers: no such dataset in datasets "
+        "resnet-pipeline prepare: error: --dataset flowers: no such dataset in datasets "
         "(expected one of digits, fractals)"
     ]
     assert captured.out == ""
