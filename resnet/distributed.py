@@ -154,25 +154,37 @@ class Storage:
     def run_config_kwargs(self) -> dict[str, Any]:
         return {"storage_path": self.path, "storage_filesystem": self.filesystem}
 
+    def checkpoint(self, path: str) -> Checkpoint:
+        """The checkpoint at `path` as Ray reports it for a run under this storage (on `filesystem`, no scheme)."""
+        return Checkpoint(path, filesystem=self.filesystem)
+
 
 def storage_path(cfg: RayConfig, root: str | Path = ".") -> Storage:
-    """`ray.storage_path` for Ray: a local path is made absolute (relative ones from the repository root);
-    an `s3://` one with an endpoint in the environment (AWS_ENDPOINT_URL_S3 or AWS_ENDPOINT_URL: SeaweedFS,
-    MinIO) gets a pyarrow S3 filesystem pointed at it, because pyarrow ignores those variables. Credentials
-    are left to pyarrow's usual chain in each process (environment, config files, instance role)."""
-    if is_s3_uri(cfg.storage_path):
-        endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
-        if not endpoint:
-            return Storage(cfg.storage_path)  # AWS itself: Ray resolves s3:// through pyarrow
-        import pyarrow.fs
+    """`ray.storage_path` for Ray, always with its filesystem named, so that the checkpoint paths Ray reports
+    (on that filesystem, without the scheme) can be opened again: a local path is made absolute (relative ones
+    from the repository root); `s3://` gets a pyarrow S3 filesystem, pointed at AWS_ENDPOINT_URL_S3 (or
+    AWS_ENDPOINT_URL) when set (SeaweedFS, MinIO: pyarrow ignores those variables) and in AWS_REGION (or
+    AWS_DEFAULT_REGION) when set, else in the bucket's own region, which pyarrow asks AWS for; `gs://` and
+    other URIs get pyarrow's filesystem for their scheme. Credentials are left to each filesystem's usual chain
+    in each process (environment, config files, instance role)."""
+    uri = cfg.storage_path
+    if "://" not in uri:
+        return Storage(str((Path(root) / uri).resolve()))
+    import pyarrow.fs
 
-        bucket, prefix = split_s3_uri(cfg.storage_path)
-        region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1"
-        filesystem = pyarrow.fs.S3FileSystem(endpoint_override=endpoint, region=region)
-        return Storage(f"{bucket}/{prefix}".rstrip("/"), filesystem)
-    if "://" in cfg.storage_path:
-        return Storage(cfg.storage_path)  # gs://, abfss://, ...: pyarrow's own
-    return Storage(str((Path(root) / cfg.storage_path).resolve()))
+    if is_s3_uri(uri):
+        bucket, prefix = split_s3_uri(uri)
+        path = f"{bucket}/{prefix}".rstrip("/")
+        endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+        region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
+        if endpoint:
+            return Storage(
+                path, pyarrow.fs.S3FileSystem(endpoint_override=endpoint, region=region or "us-east-1")
+            )
+        if region:
+            return Storage(path, pyarrow.fs.S3FileSystem(region=region))
+    filesystem, path = pyarrow.fs.FileSystem.from_uri(uri)
+    return Storage(path, filesystem)
 
 
 def run_fingerprint(*parts: Any) -> str:

@@ -53,7 +53,6 @@ def run(
     """Sweep, then copy the best trial's best epoch to `out`; returns the summary written to `metrics`."""
     import ray
     import torch
-    from ray.train import Checkpoint
 
     from resnet.data.prepare import default_prepared_dir, read_manifest, resolve_location
     from resnet.distributed import (
@@ -144,9 +143,7 @@ def run(
         if all(row["error"] for row in table):
             raise PipelineError(f"tune: all {len(table)} trials failed; see the Ray logs above")
         best, checkpoint_path, best_epoch = best_checkpoint_path(results, metric, mode)
-        meta = copy_model_file(
-            Checkpoint(checkpoint_path, filesystem=storage.filesystem), Path(out) / MODEL_FILE
-        )
+        meta = copy_model_file(storage.checkpoint(checkpoint_path), Path(out) / MODEL_FILE)
         best_row = next(row for row in table if row["trial_id"] == best_epoch["trial_id"])
         finetune_draw, augment_draw = split_draw(best.config or {})
         record = {
