@@ -114,3 +114,31 @@ def s3_env(s3_server, aws_isolated):
     for name, value in s3_server.env().items():
         aws_isolated.setenv(name, value)
     return aws_isolated
+
+
+@pytest.fixture(scope="session")
+def local_stack(tmp_path_factory):
+    """The real stack (`resnet-pipeline stack up`, resnet/stack.py) for the whole session: SeaweedFS S3, an
+    MLflow server (SQLite, artifacts in s3://mlflow/artifacts) and a Ray cluster of a head and 2 worker nodes
+    × 1 CPU, token auth on; worker nodes in network namespaces when we are root. Every port is picked free (the
+    usual 8333/5000/6379/8265 stay free for a developer's own stack). Started through the command line, so its
+    output is checked too (`local_stack.up_output`); clients take `local_stack.env()`. After `down`, no process
+    of the stack and none of its namespaces may remain."""
+    import subprocess
+    import sys
+
+    from resnet.stack import DEFAULT_PORTS, Stack
+
+    state_dir = tmp_path_factory.mktemp("stack")
+    ports = [arg for name in DEFAULT_PORTS for arg in (f"--{name}-port", "0")]
+    command = [sys.executable, "-m", "resnet.stack", "up", "--state-dir", str(state_dir), *ports]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=900)
+    stack = Stack(state_dir)
+    try:
+        assert done.returncode == 0, f"stack up failed ({done.returncode}): {done.stderr[-3000:]}"
+        stack.up_output = done.stdout
+        yield stack
+    finally:
+        stack.down()
+        assert stack.processes() == [], "processes of the stack outlived `down`"
+        assert stack.net.leftovers() == [], "network namespaces or links of the stack outlived `down`"

