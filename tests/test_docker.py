@@ -279,9 +279,12 @@ def test_the_project_is_installed_only_by_the_install_script(instructions):
     assert any(i.cmd == "COPY" and i.stage == final and "/opt/venv /opt/venv" in i.args for i in instructions)
     env = " ".join(i.args for i in instructions if i.cmd == "ENV" and i.stage == final)
     assert re.search(r"\bPATH=/opt/venv/bin:", env)
-    # and the install script is a real, executable file of the repository
+    # and the install script is a real, executable file of the repository, the one the wheel test runs
     script = ROOT / INSTALL_SCRIPT
     assert script.is_file() and os.access(script, os.X_OK)
+    wheel_test = ROOT / "tests" / "test_wheel.py"
+    if wheel_test.exists():
+        assert INSTALL_SCRIPT in wheel_test.read_text()
 
 
 def test_the_install_step_has_every_file_the_script_needs(instructions, pyproject, rules):

@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 import importlib.util
 import re
+import shlex
 import tomllib
 from collections.abc import Iterator
 from pathlib import Path
@@ -355,16 +356,22 @@ def test_ray_cluster_shape(locked):
 
 
 def test_the_rayjob_entrypoint():
+    """What the job runs: `resnet-pipeline repro-job --job-id ID -S KEY=VALUE...`, in the image's /app."""
     spec = one("RayJob")["spec"]
-    words = spec["entrypoint"].split()
-    assert words[:2] == ["resnet-pipeline", "repro-job"]
-    overrides = dict(w.split("=", 1) for w in words[3::2])
-    assert all(w == "-S" for w in words[2::2])
-    assert overrides["ray.storage_path"].startswith("s3://")
-    assert overrides["ray.use_gpu"] == "true"
-    assert spec["submissionMode"] == "K8sJobMode"
+    words = shlex.split(spec["entrypoint"])
+    assert words[:4] == ["resnet-pipeline", "repro-job", "--job-id", "$RAY_JOB_SUBMISSION_ID"]
+    assert all(w == "-S" for w in words[4::2]) and len(words) % 2 == 0
+    overrides = dict(w.split("=", 1) for w in words[5::2])
+    assert overrides == {"ray.use_gpu": "true", "ray.controller_failure_limit": "-1"}
+    assert spec["submissionMode"] == "K8sJobMode", "KubeRay sets RAY_JOB_SUBMISSION_ID in the submitter"
     assert yaml.safe_load(spec["runtimeEnvYAML"]) == {"working_dir": "/app"}, "the image's pipeline files"
-    assert not re.search(r"env_vars", spec["runtimeEnvYAML"]), "nothing the dashboard would show"
+    # the rest comes from the head's environment: the DVC remote and Ray's storage, both on S3
+    config = one("ConfigMap")["data"]
+    assert (
+        urlparse(config["RESNET_DVC_REMOTE"]).scheme == urlparse(config["RESNET_RAY_STORAGE"]).scheme == "s3"
+    )
+    head = spec["rayClusterSpec"]["headGroupSpec"]["template"]["spec"]["containers"][0]
+    assert {"configMapRef": {"name": one("ConfigMap")["metadata"]["name"]}} in head["envFrom"]
 
 
 @pytest.mark.parametrize("kind", ["RayCluster", "RayJob"])
@@ -480,7 +487,7 @@ def test_one_bucket_everywhere():
     config = one("ConfigMap")["data"]
     args = one("Deployment", "mlflow")["spec"]["template"]["spec"]["containers"][0]["args"]
     artifacts = next(a.split("=", 1)[1] for a in args if a.startswith("--artifacts-destination="))
-    storage = re.search(r"ray\.storage_path=(\S+)", one("RayJob")["spec"]["entrypoint"]).group(1)
+    storage = config["RESNET_RAY_STORAGE"]
     buckets = {urlparse(u).netloc for u in (config["RESNET_DVC_REMOTE"], artifacts, storage)}
     assert len(buckets) == 1 and all(urlparse(u).scheme == "s3" for u in (artifacts, storage)), buckets
 
