@@ -71,11 +71,15 @@ def stage_main(stage: ModuleType, argv: Sequence[str] | None = None) -> int:
     return 0
 
 
-# Commands besides the stages: (module, first line of help). Each module has main(argv) -> int.
+# Commands besides the stages: (module, its function taking argv and returning the exit code, help line).
 COMMANDS = {
-    "stack": ("resnet.stack", "the local stack: S3, MLflow server, a Ray cluster (up, down, status)"),
-    "submit": ("resnet.jobs", "submit the pipeline to a Ray cluster as a job, and bring its results back"),
-    "repro-job": ("resnet.jobs", "(what a submitted job runs) dvc pull, dvc repro, dvc push in a fresh copy"),
+    "stack": ("resnet.stack", "main", "the local stack: S3, MLflow server, a Ray cluster (up, down, status)"),
+    "submit": (
+        "resnet.jobs",
+        "main",
+        "run the pipeline on a Ray cluster as a job; its results come back here",
+    ),
+    "repro-job": ("resnet.jobs", "repro_job_main", "what a submitted job runs: dvc pull, repro, push"),
 }
 
 
@@ -84,8 +88,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if argv and argv[0] in STAGES:
         return stage_main(stage_module(argv[0]), argv[1:])
     if argv and argv[0] in COMMANDS:
-        command = importlib.import_module(COMMANDS[argv[0]][0])
-        return command.main(argv[1:]) if argv[0] != "repro-job" else command.repro_job_main(argv[1:])
+        module, function, _ = COMMANDS[argv[0]]
+        return getattr(importlib.import_module(module), function)(argv[1:])
     if argv and argv[0] == "all":
         # The whole pipeline in one process (one Ray connection), every stage with its default paths.
         stage_parser("all", "Run every stage in order, with default paths.").parse_args(argv[1:])
@@ -102,7 +106,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         + "\n".join(f"  {s:<10}{(stage_module(s).__doc__ or '').strip().splitlines()[0]}" for s in STAGES)
         + f"\n  {'all':<10}every stage in order, with default paths"
         + "\n\ncommands:\n"
-        + "\n".join(f"  {c:<10}{doc}" for c, (_, doc) in COMMANDS.items())
+        + "\n".join(f"  {c:<10}{doc}" for c, (*_, doc) in COMMANDS.items())
         + f"\n\n'{PROG} STAGE --help' shows a stage's options.",
     )
     parser.add_argument("stage", choices=(*STAGES, "all", *COMMANDS))

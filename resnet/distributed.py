@@ -51,18 +51,15 @@ RNG_FILE = "rng-rank{rank}.pt"  # each rank's global RNG states
 MODEL_FILE = "model.pt"  # weights + meta, what the stages hand on
 
 # Forwarded from the driver to every Ray worker of the job (when set), so that workers reach the same S3
-# endpoint with the same credentials as the driver: on a cluster whose raylets were started elsewhere they
-# would otherwise see none. On a shared cluster prefer node roles (IAM, IRSA): runtime_env is visible in the
-# dashboard.
-FORWARDED_ENV = (
-    "AWS_ACCESS_KEY_ID",
-    "AWS_SECRET_ACCESS_KEY",
-    "AWS_SESSION_TOKEN",
-    "AWS_ENDPOINT_URL",
-    "AWS_ENDPOINT_URL_S3",
-    "AWS_REGION",
-    "AWS_DEFAULT_REGION",
-)
+# endpoint in the same region as the driver. Never credentials: the job's runtime_env is shown on the dashboard
+# and kept in Ray's logs and job records. The nodes get credentials from their own environment (the local stack
+# starts them with its keys) or their role (an instance profile, IRSA).
+FORWARDED_ENV = ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_REGION", "AWS_DEFAULT_REGION")
+
+
+def forwarded_env() -> dict[str, str]:
+    """What the driver hands its job's workers through runtime_env: FORWARDED_ENV's variables that are set."""
+    return {name: os.environ[name] for name in FORWARDED_ENV if os.environ.get(name)}
 
 
 def init_ray(cfg: RayConfig, stage: str = "ray") -> None:
@@ -78,7 +75,7 @@ def init_ray(cfg: RayConfig, stage: str = "ray") -> None:
     """
     if ray.is_initialized():
         return
-    env = {name: os.environ[name] for name in FORWARDED_ENV if os.environ.get(name)}
+    env = forwarded_env()
     address = cfg.address or os.environ.get("RAY_ADDRESS")
     if address and "://" not in address:
         # Ray Train's placement-group cleaner finds its cluster through RAY_ADDRESS (else by scanning the

@@ -28,14 +28,19 @@ def one_thread():
 
 
 @pytest.fixture(scope="session")
-def ray_address(tmp_path_factory) -> str:
+def ray_address(tmp_path_factory, s3_server) -> str:
     """A local Ray cluster started by this test session (dashboard on 127.0.0.1, as Tune needs on 2 CPUs);
-    stages run as subprocesses join it through RAY_ADDRESS, exactly as they would join a real cluster."""
+    stages run as subprocesses join it through RAY_ADDRESS, exactly as they would join a real cluster. Its
+    node holds the test S3 server's keys in its own environment, as a real cluster's nodes hold theirs (a
+    driver never forwards credentials to workers)."""
     import ray
 
     import resnet  # noqa: F401  (sets Ray's environment defaults before Ray is imported)
 
-    ray.init(num_cpus=2, include_dashboard=True, dashboard_host="127.0.0.1", log_to_driver=False)
+    with pytest.MonkeyPatch.context() as node_env:  # the node's processes inherit this process's environment
+        for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
+            node_env.setenv(name, s3_server.env()[name])
+        ray.init(num_cpus=2, include_dashboard=True, dashboard_host="127.0.0.1", log_to_driver=False)
     try:
         yield ray.get_runtime_context().gcs_address
     finally:

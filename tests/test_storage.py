@@ -90,3 +90,19 @@ def test_an_s3_uri_without_a_bucket_is_refused_in_one_line(uri):
 
     with pytest.raises(PipelineError, match="names no bucket"):
         storage_path(RayConfig(storage_path=uri))
+
+
+def test_the_driver_forwards_the_endpoint_to_its_workers_but_never_credentials(aws_isolated):
+    """runtime_env is shown on the dashboard and kept in Ray's job records: keys stay on the nodes."""
+    from resnet.distributed import forwarded_env
+
+    planted = {
+        "AWS_ACCESS_KEY_ID": "AKIAPLANTED",
+        "AWS_SECRET_ACCESS_KEY": "planted-secret",
+        "AWS_SESSION_TOKEN": "planted-token",
+        "AWS_ENDPOINT_URL_S3": "http://127.0.0.1:8333",
+        "AWS_REGION": "eu-west-1",
+    }
+    for name, value in planted.items():
+        aws_isolated.setenv(name, value)
+    assert forwarded_env() == {"AWS_ENDPOINT_URL_S3": "http://127.0.0.1:8333", "AWS_REGION": "eu-west-1"}
