@@ -1,0 +1,382 @@
+"""The pipeline as a Ray job: `resnet-pipeline submit` ships the checkout to a cluster, follows the job, and
+brings its results back; `resnet-pipeline repro-job` is what the job runs there.
+
+The job's round trip, with the DVC remote (an S3 prefix, `--remote` or RESNET_DVC_REMOTE) as the only shared
+storage between the user's checkout and the cluster:
+
+1. submit: the code, dvc.yaml, params.yaml, dvc.lock and the small uncached outputs (metrics, plots) go to Ray as
+   the job's working directory — never .venv, caches, prepared data or models (SHIP_EXCLUDES, and .gitignore).
+   The job's environment carries no secret: the cluster's nodes have their own credentials (environment, role).
+2. repro-job, on the cluster: copies the working directory to a fresh directory (Ray extracts two identical
+   submissions into one directory, the earlier job's files still in it), then `dvc pull` (what is already
+   computed) → `dvc repro` → `dvc push`, with `ray.storage_path` on S3 (`--storage`) so that any node reads the
+   checkpoints; MLflow is the nodes' MLFLOW_TRACKING_URI. Last it uploads the hand-back: dvc.lock and every
+   file output of dvc.lock (metrics, plots, the registration record: DVC does not push uncached files), under
+   REMOTE/jobs/JOB_ID/, with handback.json (each file's sha256) written last.
+3. submit, once the job ended SUCCEEDED (anything else fails, also a STOPPED job, for which `ray job submit`
+   itself exits 0): downloads the hand-back, checks every hash, writes the files into the checkout, and runs
+   `dvc pull` from the remote, after which `dvc status` is clean: the checkout holds what the job computed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import hashlib
+import json
+import os
+import secrets
+import shlex
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from resnet.errors import PipelineError
+
+PROG = "resnet-pipeline"
+REMOTE_NAME = "pipeline"  # the DVC remote both sides configure (in .dvc/config.local) for REMOTE
+HANDBACK = "handback.json"
+# Never shipped (besides what .gitignore names): environments, caches, data and models, local service state.
+SHIP_EXCLUDES = [
+    ".git",
+    ".venv",
+    "**/__pycache__",
+    ".dvc/cache",
+    ".dvc/tmp",
+    ".dvc/config.local",
+    "data/prepared",
+    "models",
+    "runs",
+    "mlruns",
+    "mlruns.db",
+    "mlartifacts",
+    ".stack",
+    ".pytest_cache",
+    ".ruff_cache",
+]
+TERMINAL = ("SUCCEEDED", "FAILED", "STOPPED")
+
+
+def add_pipeline_arguments(parser: argparse.ArgumentParser) -> None:
+    """What both sides take: where the DVC remote and Ray's storage are, which stages, which overrides."""
+    parser.add_argument(
+        "--remote",
+        default=os.environ.get("RESNET_DVC_REMOTE"),
+        help="the DVC remote shared with the cluster, s3://BUCKET/PREFIX (default: $RESNET_DVC_REMOTE)",
+    )
+    parser.add_argument(
+        "--storage",
+        default=os.environ.get("RESNET_RAY_STORAGE"),
+        help="ray.storage_path for the job, e.g. s3://BUCKET/runs (default: $RESNET_RAY_STORAGE)",
+    )
+    parser.add_argument(
+        "--stage",
+        dest="stages",
+        action="append",
+        default=[],
+        metavar="STAGE",
+        help="a stage to reproduce with what it depends on (repeatable; default: the whole pipeline)",
+    )
+    parser.add_argument(
+        "-S",
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="change a param for the job (repeatable); params.yaml comes back with the change",
+    )
+
+
+def _remote(remote: str | None) -> str:
+    if not remote:
+        raise PipelineError("no DVC remote: give --remote s3://BUCKET/PREFIX or set RESNET_DVC_REMOTE")
+    if not remote.startswith("s3://") or len(remote) <= len("s3://"):
+        raise PipelineError(f"--remote {remote}: expected an S3 prefix, s3://BUCKET/PREFIX")
+    return remote.rstrip("/")
+
+
+def handback_uri(remote: str, job_id: str) -> str:
+    return f"{remote}/jobs/{job_id}"
+
+
+# ---- the client: submit, follow, hand back ----
+
+
+def submit(
+    checkout: Path,
+    address: str | None,
+    remote: str | None,
+    storage: str | None = None,
+    stages: Sequence[str] = (),
+    overrides: Sequence[str] = (),
+    pull: bool = True,
+) -> str:
+    """Submit the pipeline in `checkout` to the cluster at `address`, follow it to its end, and bring its results
+    back into `checkout`. Returns the job's submission id."""
+    remote = _remote(remote)
+    _check_checkout(checkout, overrides)
+    client = _job_client(address)
+    job_id = f"pipeline-{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(3)}"
+    entrypoint = shlex.join(
+        ["python", "-m", "resnet.cli", "repro-job", "--job-id", job_id, "--remote", remote]
+        + (["--storage", storage] if storage else [])
+        + [arg for stage in stages for arg in ("--stage", stage)]
+        + [arg for override in overrides for arg in ("-S", override)]
+    )
+    runtime_env = {
+        "working_dir": str(checkout),
+        "excludes": SHIP_EXCLUDES,
+        "env_vars": {"PYTHONUNBUFFERED": "1", "RESNET_PROGRESS": "0"},
+    }
+    client.submit_job(entrypoint=entrypoint, submission_id=job_id, runtime_env=runtime_env)
+    print(f"submit: job {job_id} submitted to {client.get_address()}; following its log", flush=True)
+    status, message = follow(client, job_id)
+    if status != "SUCCEEDED":
+        raise PipelineError(f"job {job_id} ended {status}{': ' + message if message else ''}")
+    files = fetch_handback(handback_uri(remote, job_id), checkout)
+    print(f"submit: job {job_id} SUCCEEDED; back in this checkout: {', '.join(files)}", flush=True)
+    if pull:
+        configure_remote(checkout, remote)
+        dvc(checkout, "pull", "--remote", REMOTE_NAME)
+        print(f"submit: pulled the job's outputs from {remote}", flush=True)
+    return job_id
+
+
+def _check_checkout(checkout: Path, overrides: Sequence[str]) -> None:
+    from resnet.config import load_config
+
+    for name in ("dvc.yaml", "params.yaml"):
+        if not (checkout / name).is_file():
+            raise PipelineError(f"{checkout / name}: no such file; run submit from the pipeline's checkout")
+    load_config(checkout / "params.yaml", dict(_parse_override(text) for text in overrides))
+
+
+def _parse_override(text: str) -> tuple[str, Any]:
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise PipelineError(f"-S {text}: expected KEY=VALUE (e.g. pretrain.epochs=2)")
+    return key, yaml.safe_load(value)
+
+
+def _job_client(address: str | None):
+    address = address or os.environ.get("RAY_ADDRESS")
+    if not address or not address.startswith(("http://", "https://")):
+        raise PipelineError(
+            f"--address {address or '(none)'}: expected the Ray job API, http://HEAD:8265 (or set RAY_ADDRESS)"
+        )
+    from ray.job_submission import JobSubmissionClient
+
+    try:
+        return JobSubmissionClient(address)
+    except Exception as exc:  # connection refused, a refused token, a proxy's error page: one line each
+        reason = str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__
+        raise PipelineError(f"cannot reach the Ray job API at {address}: {reason}") from None
+
+
+def follow(client, job_id: str) -> tuple[str, str]:
+    """Print the job's log as it comes; return its final status and message."""
+
+    async def tail() -> None:
+        async for lines in client.tail_job_logs(job_id):
+            print(lines, end="", flush=True)
+
+    asyncio.run(tail())
+    while True:  # the log ends as the job ends; its status may take a moment longer to settle
+        info = client.get_job_info(job_id)
+        status = str(getattr(info.status, "value", info.status))
+        if status in TERMINAL:
+            return status, info.message or ""
+        time.sleep(0.5)
+
+
+def fetch_handback(uri: str, checkout: Path) -> list[str]:
+    """Download the job's hand-back into `checkout`, every file checked against its recorded sha256 before
+    any is written. Returns the files' paths."""
+    from resnet.data.s3 import read_object
+
+    try:
+        record = json.loads(read_object(f"{uri}/{HANDBACK}"))
+    except Exception as exc:
+        raise PipelineError(f"{uri}/{HANDBACK}: the job left no hand-back ({exc})") from None
+    contents = {}
+    for path, digest in record["files"].items():
+        data = read_object(f"{uri}/files/{path}")
+        if hashlib.sha256(data).hexdigest() != digest:
+            raise PipelineError(
+                f"{uri}/files/{path}: its sha256 differs from {HANDBACK}'s; nothing was written"
+            )
+        contents[path] = data
+    from resnet.io import atomic_path
+
+    for path, data in contents.items():
+        with atomic_path(checkout / path) as tmp:
+            tmp.write_bytes(data)
+    return list(contents)
+
+
+def configure_remote(root: Path, remote: str) -> None:
+    """The DVC remote `pipeline` in root's .dvc/config.local (never committed), at the environment's S3
+    endpoint when one is set (SeaweedFS, MinIO)."""
+    dvc(root, "remote", "add", "--local", "--force", REMOTE_NAME, remote, quiet=True)
+    endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+    if endpoint:
+        dvc(root, "remote", "modify", "--local", REMOTE_NAME, "endpointurl", endpoint, quiet=True)
+
+
+def dvc(root: Path, *args: str, quiet: bool = False) -> None:
+    """Run DVC (this environment's) in `root`; its output streams through, a failure is one line."""
+    env = os.environ | {"PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
+    done = subprocess.run(
+        [sys.executable, "-m", "dvc", *args],
+        cwd=root,
+        env=env,
+        stdout=subprocess.DEVNULL if quiet else None,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    if done.returncode:
+        sys.stderr.write(done.stderr)
+        last = (done.stderr.strip().splitlines() or ["(no output)"])[-1]
+        raise PipelineError(f"dvc {args[0]} failed in {root}: {last}")
+    if not quiet and done.stderr:
+        sys.stderr.write(done.stderr)
+
+
+# ---- on the cluster: repro-job ----
+
+
+def repro_job(
+    job_id: str,
+    remote: str | None,
+    storage: str | None = None,
+    stages: Sequence[str] = (),
+    overrides: Sequence[str] = (),
+    source: Path | None = None,
+) -> Path:
+    """In a fresh copy of `source` (the job's working directory): dvc pull → repro → push, then the hand-back.
+    Returns the copy."""
+    remote = _remote(remote)
+    source = source or Path.cwd()
+    work = Path(tempfile.mkdtemp(prefix=f"{job_id}-"))
+    shutil.copytree(source, work, dirs_exist_ok=True, ignore=shutil.ignore_patterns(".dvc/tmp"))
+    print(f"repro-job {job_id}: working copy {work}", flush=True)
+    changed = _apply_params(work, overrides, storage)
+    if not (work / ".git").exists():
+        dvc(work, "config", "--local", "core.no_scm", "true", quiet=True)
+    configure_remote(work, remote)
+    _step(job_id, f"dvc pull from {remote} (what is already computed)")
+    dvc(work, "pull", "--remote", REMOTE_NAME, "--allow-missing")
+    _step(job_id, "dvc repro " + " ".join(stages))
+    dvc(work, "repro", *stages)
+    _step(job_id, f"dvc push to {remote}")
+    dvc(work, "push", "--remote", REMOTE_NAME)
+    files = upload_handback(work, handback_uri(remote, job_id), extra=["params.yaml"] if changed else [])
+    print(f"repro-job {job_id}: done; hand-back of {len(files)} files at {handback_uri(remote, job_id)}")
+    return work
+
+
+def _step(job_id: str, what: str) -> None:
+    print(f"repro-job {job_id}: {what}", flush=True)
+
+
+def _apply_params(work: Path, overrides: Sequence[str], storage: str | None) -> bool:
+    """Write the overrides (and ray.storage_path) into the copy's params.yaml, validated; True if the user's
+    overrides changed it (then params.yaml goes back with the results)."""
+    from resnet.config import parse_config, set_dotted
+
+    if not overrides and not storage:
+        return False
+    path = work / "params.yaml"
+    raw = yaml.safe_load(path.read_text()) or {}
+    for key, value in [_parse_override(text) for text in overrides]:
+        raw = set_dotted(raw, key, value)
+    if storage:
+        raw = set_dotted(raw, "ray.storage_path", storage)
+    parse_config(raw, "params.yaml")
+    path.write_text(yaml.safe_dump(raw, sort_keys=False))
+    return bool(overrides)
+
+
+def handback_files(work: Path) -> list[str]:
+    """dvc.lock and every file (not directory) output it records: what `dvc pull` cannot bring back."""
+    lock = yaml.safe_load((work / "dvc.lock").read_text())
+    outs = {
+        out["path"]
+        for stage in lock.get("stages", {}).values()
+        for out in stage.get("outs", [])
+        if (work / out["path"]).is_file()
+    }
+    return ["dvc.lock", *sorted(outs)]
+
+
+def upload_handback(work: Path, uri: str, extra: Sequence[str] = ()) -> list[str]:
+    from resnet.data.s3 import upload_file
+
+    files = [*handback_files(work), *extra]
+    record = {"files": {}}
+    for path in files:
+        upload_file(work / path, f"{uri}/files/{path}")
+        record["files"][path] = hashlib.sha256((work / path).read_bytes()).hexdigest()
+    manifest = work / ".dvc" / "tmp" / HANDBACK
+    manifest.parent.mkdir(parents=True, exist_ok=True)
+    manifest.write_text(json.dumps(record, indent=2))
+    upload_file(manifest, f"{uri}/{HANDBACK}")  # last: its presence says the hand-back is complete
+    return files
+
+
+# ---- the commands ----
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """`resnet-pipeline submit`."""
+    parser = argparse.ArgumentParser(
+        prog=f"{PROG} submit",
+        description="Run the pipeline (dvc repro) on a Ray cluster as a job, follow its log, and bring its results "
+        "back: dvc.lock and the metrics into this checkout, the models through `dvc pull` from the remote.",
+    )
+    parser.add_argument(
+        "--address",
+        default=None,
+        help="the cluster's job API, http://HEAD:8265 (default: $RAY_ADDRESS); token from $RAY_AUTH_TOKEN",
+    )
+    parser.add_argument("--no-pull", dest="pull", action="store_false", help="do not `dvc pull` the outputs")
+    add_pipeline_arguments(parser)
+    args = parser.parse_args(argv)
+    return _run(
+        "submit",
+        lambda: submit(
+            Path.cwd(), args.address, args.remote, args.storage, args.stages, args.overrides, args.pull
+        ),
+    )
+
+
+def repro_job_main(argv: Sequence[str] | None = None) -> int:
+    """`resnet-pipeline repro-job` (what a submitted job runs)."""
+    parser = argparse.ArgumentParser(
+        prog=f"{PROG} repro-job",
+        description="On the cluster: in a fresh copy of this directory, dvc pull, dvc repro, dvc push, and leave "
+        "the hand-back (dvc.lock, metrics) for `submit` under REMOTE/jobs/JOB_ID.",
+    )
+    parser.add_argument("--job-id", required=True, help="the submission id (names the hand-back)")
+    add_pipeline_arguments(parser)
+    args = parser.parse_args(argv)
+    return _run(
+        "repro-job", lambda: repro_job(args.job_id, args.remote, args.storage, args.stages, args.overrides)
+    )
+
+
+def _run(command: str, action) -> int:
+    try:
+        action()
+    except PipelineError as err:
+        print(f"{PROG} {command}: error: {err}", file=sys.stderr)
+        return 2
+    return 0
