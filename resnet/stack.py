@@ -144,6 +144,11 @@ def _postgres_binary(name: str) -> str:
     return found
 
 
+def _postgres_driver() -> str | None:
+    """The PostgreSQL driver SQLAlchemy can use here: psycopg (3) or psycopg2, else None."""
+    return next((name for name in ("psycopg", "psycopg2") if importlib.util.find_spec(name)), None)
+
+
 def _port_free(port: int) -> bool:
     """Nothing listens on `port` on any interface (connections in TIME_WAIT do not count, as for servers)."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
@@ -561,6 +566,7 @@ class Stack:
         note = f"network namespaces unavailable: {reason}" if mode == "loopback" and reason else ""
         self.state["network"] = {"mode": mode, "subnet": recorded.get("subnet"), "note": note}
         self.state["workers"] = self.workers
+        self.state["backend"] = self.backend
 
     def _choose_ports(self) -> None:
         recorded = self.state.get("ports", {})
@@ -720,9 +726,9 @@ class Stack:
         return ["setpriv", "--reuid=nobody", "--regid=nogroup", "--clear-groups"]
 
     def _preflight_postgres(self) -> None:
-        if importlib.util.find_spec("psycopg2") is None:
+        if _postgres_driver() is None:
             raise PipelineError(
-                "stack up: --backend postgres needs the psycopg2 driver in this environment "
+                "stack up: --backend postgres needs a PostgreSQL driver in this environment, psycopg or psycopg2 "
                 "(add psycopg2-binary to the project), or use --backend sqlite"
             )
         for name in ("initdb", "postgres"):
@@ -740,7 +746,7 @@ class Stack:
     def _start_postgres(self) -> None:
         pg, keys, host = self.state_dir / "pg", self._secrets(), self.host
         if not (pg / "PG_VERSION").exists():
-            password = pg / "pwfile"
+            password = self.state_dir / "pg-password.tmp"  # initdb wants an empty data directory
             _write_private(password, keys["db_password"] + "\n")
             if os.geteuid() == 0:
                 os.chown(password, 65534, 65534)
@@ -751,7 +757,14 @@ class Stack:
             )  # fmt: skip
             password.unlink()
             if done.returncode != 0:
-                raise PipelineError(f"stack up: initdb failed: {done.stderr.strip().splitlines()[-1:]}")
+                errors = [line for line in done.stderr.splitlines() if "error" in line] or [
+                    done.stderr.strip()
+                ]
+                raise PipelineError(f"stack up: initdb failed: {errors[0]}")
+        # only the MLflow server, which connects from our own address, with the password
+        (pg / "pg_hba.conf").write_text(f"host all mlflow {host}/32 scram-sha-256\n")
+        if os.geteuid() == 0:
+            os.chown(pg / "pg_hba.conf", 65534, 65534)
         command = [
             *self._as_postgres_user(),
             _postgres_binary("postgres"),
@@ -765,22 +778,26 @@ class Stack:
         what = f"PostgreSQL did not accept connections on {host}:{self._port('postgres')}"
         self._wait("postgres", what, self._postgres_ready)
 
-    def _postgres_uri(self, database: str = "mlflow") -> str:
-        return f"postgresql://mlflow@{self.host}:{self._port('postgres')}/{database}"
+    def _postgres_uri(self, database: str = "mlflow", dialect: str = "postgresql") -> str:
+        """The database's URI, without the password (clients read it from <state>/pgpass: PGPASSFILE)."""
+        return f"{dialect}://mlflow@{self.host}:{self._port('postgres')}/{database}"
 
     def _postgres_ready(self) -> bool:
-        import psycopg2
-
+        driver = importlib.import_module(_postgres_driver())
         try:
-            connection = psycopg2.connect(self._postgres_uri("postgres"), passfile=self.state_dir / "pgpass")
-        except psycopg2.OperationalError:
+            connection = driver.connect(
+                self._postgres_uri("postgres"), passfile=str(self.state_dir / "pgpass")
+            )
+        except driver.OperationalError:
             return False
-        connection.autocommit = True
-        with connection, connection.cursor() as cursor:
-            cursor.execute("SELECT 1 FROM pg_database WHERE datname = 'mlflow'")
-            if cursor.fetchone() is None:
-                cursor.execute("CREATE DATABASE mlflow")
-        connection.close()
+        connection.autocommit = True  # CREATE DATABASE cannot run in a transaction (nor in `with connection`)
+        try:
+            with connection.cursor() as cursor:
+                cursor.execute("SELECT 1 FROM pg_database WHERE datname = 'mlflow'")
+                if cursor.fetchone() is None:
+                    cursor.execute("CREATE DATABASE mlflow")
+        finally:
+            connection.close()
         return True
 
     # ------------------------------------------------------------ MLflow
@@ -788,7 +805,7 @@ class Stack:
     def _start_mlflow(self) -> None:
         keys, host, port = self._secrets(), self.host, self._port("mlflow")
         if self.backend == "postgres":
-            store = self._postgres_uri()
+            store = self._postgres_uri(dialect=f"postgresql+{_postgres_driver()}")
         else:
             store = f"sqlite:///{self.state_dir / 'mlflow.db'}"
         command = [
@@ -950,6 +967,7 @@ class Stack:
         if running:
             net = self.state["network"]
             status |= {"network_mode": self.network_mode, "network_note": net.get("note", "")}
+            status["backend"] = self.state.get("backend", "sqlite")
             status |= {"subnet": net.get("subnet"), "urls": self.urls(), "env_file": str(self.env_file)}
             status["namespaces"] = self.net.leftovers()
         return status
@@ -975,7 +993,7 @@ def _print_up(stack: Stack) -> None:
     else:
         print(f"  network   loopback{' (' + status['network_note'] + ')' if status['network_note'] else ''}")
     print(f"  s3        {urls['s3']}  buckets {', '.join(BUCKETS)}")
-    print(f"  mlflow    {urls['mlflow']}  ({stack.backend}, artifacts {MLFLOW_ARTIFACTS})")
+    print(f"  mlflow    {urls['mlflow']}  ({status['backend']}, artifacts {MLFLOW_ARTIFACTS})")
     print(
         f"  ray       {urls['ray_dashboard']} (jobs, dashboard), {urls['ray_gcs']} (drivers); "
         f"head + {stack.workers} workers x {stack.cpus_per_node} CPU"
@@ -989,7 +1007,9 @@ def _print_status(status: dict) -> None:
         return
     print(
         f"stack status ({status['state_dir']}): network {status['network_mode']}"
+        + (f" {status['subnet']}" if status["network_mode"] == "netns" else "")
         + (f" ({status['network_note']})" if status["network_note"] else "")
+        + f", mlflow backend {status['backend']}"
     )
     for name, service in status["services"].items():
         print(

@@ -263,3 +263,22 @@ def test_down_up_keeps_data_keys_and_addresses(local_stack):
     assert local_stack.env() == before
     assert local_stack.s3_client().get_object(Bucket="dvc", Key="store/kept")["Body"].read() == b"kept"
     assert sum(node["alive"] for node in local_stack.nodes()["nodes"]) == 3
+
+
+def test_auto_network_falls_back_to_loopback_and_says_so(tmp_path, monkeypatch):
+    monkeypatch.setattr(Network, "unavailable", staticmethod(lambda: "not root"))
+    stack = Stack(tmp_path / "st", network="auto")
+    stack._choose_network()
+    assert stack.network_mode == "loopback" and stack.host == "127.0.0.1"
+    assert stack.state["network"]["note"] == "network namespaces unavailable: not root"
+    with pytest.raises(PipelineError, match=r"^stack up: network namespaces unavailable \(not root\)"):
+        Stack(tmp_path / "st2", network="netns").up()
+
+
+def test_postgres_backend_needs_a_driver(tmp_path, monkeypatch, capsys):
+    from resnet import stack as module
+
+    monkeypatch.setattr(module, "_postgres_driver", lambda: None)
+    assert main(["up", "--state-dir", str(tmp_path / "st"), "--backend", "postgres", "--s3-port", "0"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("stack up: --backend postgres needs a PostgreSQL driver") and err.count("\n") == 1
