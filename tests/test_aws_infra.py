@@ -50,6 +50,8 @@ VPC = "vpc-0123456789abcdef0"
 SSH_CIDR = "203.0.113.7/32"
 BUCKET_ROLES = ("data", "dvc", "mlflow", "ray")
 
+GPU_FAMILIES = {"g4dn", "g5", "g6", "g6e", "p3", "p4d", "p5"}  # EC2 instance families with NVIDIA GPUs
+
 CI = os.environ.get("CI", "").lower() == "true"
 
 
@@ -132,15 +134,7 @@ def test_cluster_yaml_node_types():
 
     # The worker is a GPU node, declared as such, with the GPUs handed to its container; the head has none.
     assert worker["resources"]["GPU"] >= 1
-    assert worker["node_config"]["InstanceType"].split(".")[0] in {
-        "g4dn",
-        "g5",
-        "g6",
-        "g6e",
-        "p3",
-        "p4d",
-        "p5",
-    }
+    assert worker["node_config"]["InstanceType"].split(".")[0] in GPU_FAMILIES
     assert 0 <= worker["min_workers"] <= worker["max_workers"] <= config["max_workers"]
     assert head.get("resources", {}).get("GPU", 0) == 0
     docker = config["docker"]
