@@ -522,12 +522,8 @@ def test_mlflow_server_answers_its_clients():
     assert env["PGPASSWORD"]["valueFrom"] == pg["POSTGRES_PASSWORD"]["valueFrom"]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="uv.lock has no PostgreSQL driver, so the image's `mlflow server` cannot open postgresql:// yet: "
-    "pyproject.toml needs psycopg2-binary (remove this mark when it is locked)",
-)
 def test_the_image_has_a_driver_for_the_mlflow_database(locked):
+    """`mlflow server --backend-store-uri postgresql://…` needs a driver in the image's locked environment."""
     assert "psycopg2-binary" in locked or "psycopg2" in locked or "psycopg" in locked
 
 
