@@ -863,6 +863,11 @@ class Stack:
             i = int(name.removeprefix("ray-w"))
             command = [*self.net.prefix(i), *command, f"--address={self.urls()['ray_gcs']}"]
             command += [f"--num-cpus={self.cpus_per_node}", f"--node-ip-address={self.net.worker_ip(i)}"]
+        if self.network_mode == "netns":
+            # Gloo (and NCCL) would bind the address the host name resolves to, 127.0.0.1 in a namespace: the
+            # other ranks could not connect. Name the node's interface instead.
+            interface = self.net.bridge if head else "eth0"
+            env |= {"GLOO_SOCKET_IFNAME": interface, "NCCL_SOCKET_IFNAME": interface}
         command += [
             "--num-gpus=0",
             f"--object-store-memory={_OBJECT_STORE}",

@@ -217,20 +217,58 @@ print(json.dumps({"status": str(status.value), "logs": client.get_job_logs(job)}
 
 @pytest.mark.integration
 def test_ray_job_runs_a_task_in_each_worker_namespace(local_stack, tmp_path):
-    (tmp_path / "where.py").write_text(textwrap.dedent(_WHERE))
     env = local_stack.env()
-    client = _client_env(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=env["RAY_AUTH_TOKEN"])
-    done = _python(_SUBMIT, client, env["RAY_ADDRESS"], str(tmp_path))
-    assert done.returncode == 0, done.stderr[-3000:]
-    answer = json.loads(done.stdout.strip().splitlines()[-1])
-    assert answer["status"] == "SUCCEEDED", answer["logs"][-3000:]
-    result = json.loads(answer["logs"].split("RESULT ", 1)[1].splitlines()[0])
+    result = _submit(local_stack, tmp_path, _WHERE)
     driver, tasks = result["driver"], result["tasks"]
     assert all(where["mlflow"] == env["MLFLOW_TRACKING_URI"] for where in (driver, *tasks))
     if local_stack.network_mode == "netns":
         assert driver["ip"] == local_stack.host and driver["netns"] == os.readlink("/proc/self/ns/net")
         assert sorted(t["ip"] for t in tasks) == [local_stack.net.worker_ip(1), local_stack.net.worker_ip(2)]
         assert len({driver["netns"], *(t["netns"] for t in tasks)}) == 3  # three network namespaces
+
+
+_TRAIN = """
+import json, os
+import boto3, ray.train, torch, torch.distributed as dist
+from ray.train import ScalingConfig
+from ray.train.torch import TorchTrainer
+
+def loop():
+    rank = ray.train.get_context().get_world_rank()
+    total = torch.tensor([float(rank + 1)])
+    dist.all_reduce(total)  # gloo between the two nodes
+    where = {"rank": rank, "ip": ray.util.get_node_ip_address(), "netns": os.readlink("/proc/self/ns/net"),
+             "sum": total.item()}
+    boto3.client("s3").put_object(Bucket="ray", Key=f"stack-test/rank{rank}.json", Body=json.dumps(where))
+
+TorchTrainer(loop, scaling_config=ScalingConfig(num_workers=2, placement_strategy="STRICT_SPREAD")).fit()
+s3 = boto3.client("s3")
+ranks = [json.loads(s3.get_object(Bucket="ray", Key=f"stack-test/rank{r}.json")["Body"].read()) for r in (0, 1)]
+print("RESULT " + json.dumps({"ranks": ranks}))
+"""
+
+
+def _submit(local_stack, tmp_path, script: str) -> dict:
+    """Submit `script` as a job with the token; its SUCCEEDED status and the JSON after RESULT in its logs."""
+    (tmp_path / "where.py").write_text(textwrap.dedent(script))
+    env = local_stack.env()
+    client = _client_env(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=env["RAY_AUTH_TOKEN"])
+    done = _python(_SUBMIT, client, env["RAY_ADDRESS"], str(tmp_path))
+    assert done.returncode == 0, done.stderr[-3000:]
+    answer = json.loads(done.stdout.strip().splitlines()[-1])
+    assert answer["status"] == "SUCCEEDED", answer["logs"][-3000:]
+    return json.loads(answer["logs"].split("RESULT ", 1)[1].splitlines()[0])
+
+
+@pytest.mark.integration
+def test_torch_trainer_strict_spread_over_the_worker_nodes(local_stack, tmp_path):
+    """A 2-worker DDP run (gloo): one rank on each worker node (the head has no CPUs), talking across the
+    bridge; each rank writes to S3 with its node's own credentials."""
+    ranks = _submit(local_stack, tmp_path, _TRAIN)["ranks"]
+    assert [r["sum"] for r in ranks] == [3.0, 3.0]
+    assert len({r["netns"] for r in ranks}) == 2
+    if local_stack.network_mode == "netns":
+        assert sorted(r["ip"] for r in ranks) == [local_stack.net.worker_ip(1), local_stack.net.worker_ip(2)]
 
 
 @pytest.mark.integration
