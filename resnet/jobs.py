@@ -24,6 +24,7 @@ import argparse
 import asyncio
 import hashlib
 import json
+import logging
 import os
 import secrets
 import shlex
@@ -136,11 +137,14 @@ def submit(
         "excludes": SHIP_EXCLUDES,
         "env_vars": {"PYTHONUNBUFFERED": "1", "RESNET_PROGRESS": "0"},
     }
+    # Ray logs every ignored file and the package upload at INFO: the job's own log says what happens.
+    logging.getLogger("ray").setLevel(logging.ERROR)
     client.submit_job(entrypoint=entrypoint, submission_id=job_id, runtime_env=runtime_env)
     print(f"submit: job {job_id} submitted to {client.get_address()}; following its log", flush=True)
     status, message = follow(client, job_id)
     if status != "SUCCEEDED":
-        raise PipelineError(f"job {job_id} ended {status}{': ' + message if message else ''}")
+        first = message.strip().splitlines()[0] if message.strip() else ""  # Ray appends the log's tail
+        raise PipelineError(f"job {job_id} ended {status}{': ' + first if first else ''} (its log is above)")
     files = fetch_handback(handback_uri(remote, job_id), checkout)
     print(f"submit: job {job_id} SUCCEEDED; back in this checkout: {', '.join(files)}", flush=True)
     if pull:

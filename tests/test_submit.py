@@ -1,0 +1,193 @@
+"""`resnet-pipeline submit`: the whole pipeline as a Ray job on the local stack (tests/conftest.py `local_stack`:
+SeaweedFS, an MLflow server, a head and two worker nodes), its results back in the user's checkout."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+pytestmark = pytest.mark.integration
+
+REPO = Path(__file__).resolve().parent.parent
+TINY = {
+    "datasets": {
+        "fractals": {
+            "source": "fractals",
+            "image_size": 16,
+            "split": {"val": 0.2, "test": 0.2},
+            "fractals": {"num_classes": 4, "per_class": 20, "points": 300},
+        }
+    },
+    "pretrain": {"dataset": "fractals", "epochs": 1, "warmup_epochs": 0},
+    "finetune": {"dataset": "fractals", "epochs": 1},
+    "tune": {"num_samples": 1, "search_space": {"strategy": {"distribution": "choice", "values": ["full"]}}},
+    "register": {"model_name": "resnet-submitted"},
+}
+
+
+def _merge(base: dict, update: dict) -> dict:
+    out = dict(base)
+    for key, value in update.items():
+        replace = key == "datasets" or not isinstance(value, dict)
+        out[key] = value if replace else _merge(base.get(key, {}), value)
+    return out
+
+
+def _checkout(root: Path) -> Path:
+    """A user's git checkout of the project (the files git would commit, as they are now), tiny params."""
+    listed = subprocess.run(
+        ["git", "ls-files", "-z", "--cached"],
+        cwd=REPO,
+        capture_output=True,
+        check=True,
+    ).stdout.decode()
+    for rel in filter(None, listed.split("\0")):
+        source = REPO / rel
+        if source.is_file() and not rel.startswith(("tests/", "benchmarks/", "infra/")) and rel != "dvc.lock":
+            (root / rel).parent.mkdir(parents=True, exist_ok=True)
+            (root / rel).write_bytes(source.read_bytes())
+    params = _merge(yaml.safe_load((REPO / "params.yaml").read_text()), TINY)
+    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    git = ["git", "-c", "user.name=t", "-c", "user.email=t@example.com"]
+    for command in (["init", "-q"], ["add", "-A"], ["commit", "-q", "-m", "tiny"]):
+        subprocess.run([*git, *command], cwd=root, check=True)
+    return root
+
+
+@pytest.fixture(scope="module")
+def submitted(local_stack, tmp_path_factory) -> dict:
+    checkout = _checkout(tmp_path_factory.mktemp("checkout"))
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "RAY_", "AWS_"))}
+    env |= local_stack.env() | {
+        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}",
+        "PYTHONUNBUFFERED": "1",
+    }
+    done = subprocess.run(
+        [sys.executable, "-m", "resnet.cli", "submit"],
+        cwd=checkout,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=1200,
+    )
+    assert done.returncode == 0, done.stdout[-6000:] + done.stderr[-3000:]
+    job_id = next(
+        line.split()[2]
+        for line in done.stdout.splitlines()
+        if line.startswith("submit: job ") and "submitted" in line
+    )
+    return {"checkout": checkout, "env": env, "output": done.stdout, "job_id": job_id, "stack": local_stack}
+
+
+def _s3(env: dict):
+    import boto3
+
+    return boto3.client(
+        "s3",
+        endpoint_url=env["AWS_ENDPOINT_URL_S3"],
+        aws_access_key_id=env["AWS_ACCESS_KEY_ID"],
+        aws_secret_access_key=env["AWS_SECRET_ACCESS_KEY"],
+        region_name="us-east-1",
+    )
+
+
+def _keys(client, bucket: str, prefix: str = "") -> list[str]:
+    pages = client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix)
+    return [item["Key"] for page in pages for item in page.get("Contents", [])]
+
+
+def test_the_job_ran_every_stage_on_the_cluster_and_succeeded(submitted):
+    out, job_id = submitted["output"], submitted["job_id"]
+    for stage in ("prepare@fractals", "pretrain", "tune", "evaluate", "register"):
+        assert f"Running stage '{stage}'" in out
+    assert f"repro-job {job_id}: dvc push to s3://dvc/store" in out
+    assert f"submit: job {job_id} SUCCEEDED; back in this checkout: dvc.lock," in out
+    assert "pretrain: connected to the Ray cluster" in out
+
+
+def test_checkpoints_are_in_the_ray_bucket(submitted):
+    keys = _keys(_s3(submitted["env"]), "ray", "runs/")
+    pretrain = {key.split("/")[1] for key in keys if key.split("/")[1].startswith("pretrain-")}
+    assert len(pretrain) == 1
+    assert any("/checkpoint_" in key and key.endswith("model.pt") for key in keys)
+
+
+def test_the_model_is_registered_as_champion_on_the_mlflow_server(submitted):
+    from mlflow.tracking import MlflowClient
+
+    record = json.loads((submitted["checkout"] / "registry/registered.json").read_text())
+    assert record["name"] == "resnet-submitted" and record["alias"] == "champion"
+    client = MlflowClient(submitted["env"]["MLFLOW_TRACKING_URI"])
+    assert client.get_model_version_by_alias("resnet-submitted", "champion").version == str(record["version"])
+    assert not (submitted["checkout"] / "mlruns.db").exists()  # nothing went to an embedded store
+
+
+def test_dvc_outputs_are_in_the_remote_and_the_checkout_is_up_to_date(submitted):
+    checkout, env = submitted["checkout"], submitted["env"]
+    lock = yaml.safe_load((checkout / "dvc.lock").read_text())
+    tune_model = next(out for out in lock["stages"]["tune"]["outs"] if out["path"] == "models/tune")
+    md5 = tune_model["md5"]
+    assert f"store/files/md5/{md5[:2]}/{md5[2:]}" in _keys(_s3(env), "dvc", "store/files/md5/")
+    assert (checkout / "models/tune/model.pt").is_file()  # pulled
+    status = subprocess.run(
+        [sys.executable, "-m", "dvc", "status"],
+        cwd=checkout,
+        env=env,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    assert status.stdout.strip() == "Data and pipelines are up to date."
+    handed = _s3(env).get_object(
+        Bucket="dvc", Key=f"store/jobs/{submitted['job_id']}/files/metrics/eval.json"
+    )
+    assert (checkout / "metrics/eval.json").read_bytes() == handed["Body"].read()
+
+
+_JOB_RECORD = """
+import json, sys
+from ray.job_submission import JobSubmissionClient
+jobs = JobSubmissionClient(sys.argv[1]).list_jobs()
+print(json.dumps([job.dict() for job in jobs], default=str))
+"""
+
+
+def test_no_secret_reaches_the_job_record(submitted):
+    """What Ray keeps of the jobs, shown on the dashboard and by `ray job list`: no key and no token (the stages'
+    own drivers forward no credentials either: tests/test_storage.py). Read in a process of its own, with the
+    token (Ray reads RAY_AUTH_MODE once, at import)."""
+    env = submitted["env"]
+    record = subprocess.run(
+        [sys.executable, "-c", _JOB_RECORD, env["RAY_ADDRESS"], submitted["job_id"]],
+        env=env,
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=120,
+    ).stdout
+    jobs = {job["submission_id"] or job["job_id"]: job for job in json.loads(record)}
+    submitted_job = jobs[submitted["job_id"]]
+    assert submitted_job["runtime_env"]["env_vars"] == {"PYTHONUNBUFFERED": "1", "RESNET_PROGRESS": "0"}
+    for name in ("AWS_SECRET_ACCESS_KEY", "AWS_ACCESS_KEY_ID", "RAY_AUTH_TOKEN"):
+        assert env[name] not in record, name
+        assert env[name] not in submitted["output"]
+
+
+def test_a_job_that_fails_on_the_cluster_fails_the_command_in_one_line(submitted):
+    done = subprocess.run(
+        [sys.executable, "-m", "resnet.cli", "submit", "--stage", "no-such-stage", "--no-pull"],
+        cwd=submitted["checkout"],
+        env=submitted["env"],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert done.returncode == 2
+    last = done.stderr.strip().splitlines()[-1]
+    assert last.startswith("resnet-pipeline submit: error: job pipeline-") and " ended FAILED" in last
