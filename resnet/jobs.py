@@ -145,13 +145,21 @@ def submit(
     if status != "SUCCEEDED":
         first = message.strip().splitlines()[0] if message.strip() else ""  # Ray appends the log's tail
         raise PipelineError(f"job {job_id} ended {status}{': ' + first if first else ''} (its log is above)")
+    print(f"submit: job {job_id} SUCCEEDED", flush=True)
+    bring_back(checkout, remote, job_id, pull)
+    return job_id
+
+
+def bring_back(checkout: Path, remote: str | None, job_id: str, pull: bool = True) -> None:
+    """The hand-back of job `job_id` (submitted here, or as a KubeRay RayJob) into `checkout`, then the models
+    from the remote."""
+    remote = _remote(remote)
     files = fetch_handback(handback_uri(remote, job_id), checkout)
-    print(f"submit: job {job_id} SUCCEEDED; back in this checkout: {', '.join(files)}", flush=True)
+    print(f"submit: back in this checkout from job {job_id}: {', '.join(files)}", flush=True)
     if pull:
         configure_remote(checkout, remote)
         dvc(checkout, "pull", "--remote", REMOTE_NAME)
         print(f"submit: pulled the job's outputs from {remote}", flush=True)
-    return job_id
 
 
 def _check_checkout(checkout: Path, overrides: Sequence[str]) -> None:
@@ -352,8 +360,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="the cluster's job API, http://HEAD:8265 (default: $RAY_ADDRESS); token from $RAY_AUTH_TOKEN",
     )
     parser.add_argument("--no-pull", dest="pull", action="store_false", help="do not `dvc pull` the outputs")
+    parser.add_argument(
+        "--fetch",
+        metavar="JOB_ID",
+        default=None,
+        help="submit nothing: bring back the results of the finished job JOB_ID (e.g. a KubeRay RayJob's)",
+    )
     add_pipeline_arguments(parser)
     args = parser.parse_args(argv)
+    if args.fetch:
+        return _run("submit", lambda: bring_back(Path.cwd(), args.remote, args.fetch, args.pull))
     return _run(
         "submit",
         lambda: submit(

@@ -107,7 +107,9 @@ def test_the_job_ran_every_stage_on_the_cluster_and_succeeded(submitted):
     for stage in ("prepare@fractals", "pretrain", "tune", "evaluate", "register"):
         assert f"Running stage '{stage}'" in out
     assert f"repro-job {job_id}: dvc push to s3://dvc/store" in out
-    assert f"submit: job {job_id} SUCCEEDED; back in this checkout: dvc.lock," in out
+    assert (
+        f"submit: job {job_id} SUCCEEDED\nsubmit: back in this checkout from job {job_id}: dvc.lock," in out
+    )
     assert "pretrain: connected to the Ray cluster" in out
 
 
@@ -180,14 +182,43 @@ def test_no_secret_reaches_the_job_record(submitted):
 
 
 def test_a_job_that_fails_on_the_cluster_fails_the_command_in_one_line(submitted):
-    done = subprocess.run(
-        [sys.executable, "-m", "resnet.cli", "submit", "--stage", "no-such-stage", "--no-pull"],
-        cwd=submitted["checkout"],
-        env=submitted["env"],
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+    done = _submit(submitted["checkout"], submitted["env"], "--stage", "no-such-stage", "--no-pull")
     assert done.returncode == 2
     last = done.stderr.strip().splitlines()[-1]
     assert last.startswith("resnet-pipeline submit: error: job pipeline-") and " ended FAILED" in last
+
+
+def _submit(checkout: Path, env: dict, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "resnet.cli", "submit", *args],
+        cwd=checkout,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+
+
+def test_another_checkout_fetches_a_finished_jobs_results(submitted, tmp_path):
+    """`submit --fetch JOB_ID`: what a KubeRay RayJob's user runs in a checkout of the same commit."""
+    other = _checkout(tmp_path)
+    done = _submit(other, submitted["env"], "--fetch", submitted["job_id"])
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    for name in ("dvc.lock", "metrics/eval.json", "registry/registered.json", "models/tune/model.pt"):
+        assert (other / name).read_bytes() == (submitted["checkout"] / name).read_bytes(), name
+    status = subprocess.run(
+        [sys.executable, "-m", "dvc", "status"],
+        cwd=other,
+        env=submitted["env"],
+        capture_output=True,
+        text=True,
+    )
+    assert status.stdout.strip() == "Data and pipelines are up to date."
+
+
+def test_submitting_again_unchanged_reruns_nothing(submitted):
+    """The job pulls what is already computed: with the handed-back dvc.lock, no stage runs again."""
+    done = _submit(submitted["checkout"], submitted["env"])
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "Running stage" not in done.stdout
+    assert "Data and pipelines are up to date." in done.stdout + done.stderr
