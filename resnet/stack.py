@@ -93,8 +93,9 @@ _MAX_RAY_TEMP = 36  # Ray's unix socket paths under --temp-dir must stay below 1
 _OBJECT_STORE = 400 * 1024**2
 _RAY_STARTED = "Ray runtime started."
 
-# Run with a node's environment: wait until `want` nodes are alive, print the node table as JSON.
-_PROBE = """
+# Run with a node's environment: wait until `want` nodes are alive, print the node table as JSON (also the
+# tests' own two-node cluster, tests/raycluster.py, asks it).
+NODE_PROBE = """
 import json, sys, time
 import ray._private.state
 from ray._private.services import _get_gcs_client_options
@@ -900,7 +901,7 @@ class Stack:
         """{"nodes": [{"node_id", "alive", "is_head", "ip"}...], "problem": None or why not readable}, read from
         the GCS by a client with the nodes' environment; waits up to `timeout` s for `want` alive nodes."""
         done = _run(
-            [sys.executable, "-c", _PROBE, self.urls()["ray_gcs"], str(want), str(timeout)],
+            [sys.executable, "-c", NODE_PROBE, self.urls()["ray_gcs"], str(want), str(timeout)],
             env=self.node_env(),
             timeout=timeout + 120,
         )

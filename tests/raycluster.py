@@ -36,6 +36,8 @@ from pathlib import Path
 
 from localservers import binary, free_ports
 
+from resnet.stack import NODE_PROBE
+
 HOST = "127.0.0.1"
 NODES = ("head", "worker")
 # Ports every node opens; the head also runs the GCS, the dashboard and the Ray client server.
@@ -65,34 +67,7 @@ _MAX_TEMP_DIR = 36
 
 # Run in a subprocess with the cluster's environment (this process may itself be a Ray driver, with another
 # cluster's token cached): wait until `want` nodes are alive, then print the node table as JSON.
-_PROBE = """
-import json, sys, time
-import ray._private.state
-from ray._private.services import _get_gcs_client_options
-
-address, want, timeout = sys.argv[1], int(sys.argv[2]), float(sys.argv[3])
-deadline = time.monotonic() + timeout
-state = ray._private.state.GlobalState()
-state._initialize_global_state(_get_gcs_client_options(address))
-nodes, problem = [], "no answer yet"
-while True:
-    try:
-        nodes = [
-            {
-                "node_id": node["NodeID"],
-                "alive": bool(node["Alive"]),
-                "is_head": "node:__internal_head__" in node["Resources"],
-            }
-            for node in state.node_table()
-        ]
-        problem = None
-    except Exception as exc:
-        problem = f"{type(exc).__name__}: {exc}"
-    if sum(node["alive"] for node in nodes) >= want or time.monotonic() > deadline:
-        break
-    time.sleep(0.5)
-print(json.dumps({"nodes": nodes, "problem": problem}))
-"""
+_PROBE = NODE_PROBE
 
 
 def ray_binary() -> str:
