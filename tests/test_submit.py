@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from stagerun import wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -222,3 +223,42 @@ def test_submitting_again_unchanged_reruns_nothing(submitted):
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert "Running stage" not in done.stdout
     assert "Data and pipelines are up to date." in done.stdout + done.stderr
+
+
+def test_a_job_stopped_on_the_cluster_fails_the_command(submitted, tmp_path):
+    """`ray job submit` exits 0 for a STOPPED job; `submit` must not: stopped mid-pipeline, it exits 2 naming
+    the status, and writes nothing into the checkout."""
+    env, checkout = submitted["env"], submitted["checkout"]
+    lock_before = (checkout / "dvc.lock").read_bytes()
+    log = tmp_path / "submit.log"
+    with log.open("w") as out:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "resnet.cli", "submit", "-S", "pretrain.seed=1"],
+            cwd=checkout,
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        try:
+            text = wait_for(
+                lambda: "dvc repro" in log.read_text() and log.read_text(), 300, "the job's dvc repro", 0.5
+            )
+            job_id = next(
+                line.split()[2]
+                for line in text.splitlines()
+                if line.startswith("submit: job ") and "submitted" in line
+            )
+            ray = Path(sys.executable).parent / "ray"
+            subprocess.run(
+                [str(ray), "job", "stop", "--address", env["RAY_ADDRESS"], job_id],
+                env=env,
+                check=True,
+                timeout=120,
+            )
+            assert process.wait(timeout=300) == 2
+        finally:
+            process.kill()
+    last = log.read_text().strip().splitlines()[-1]
+    assert last.startswith(f"resnet-pipeline submit: error: job {job_id} ended STOPPED"), last
+    assert (checkout / "dvc.lock").read_bytes() == lock_before
