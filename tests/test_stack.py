@@ -9,9 +9,11 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 import textwrap
 from pathlib import Path
 
@@ -320,3 +322,39 @@ def test_postgres_backend_needs_a_driver(tmp_path, monkeypatch, capsys):
     assert main(["up", "--state-dir", str(tmp_path / "st"), "--backend", "postgres", "--s3-port", "0"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("stack up: --backend postgres needs a PostgreSQL driver") and err.count("\n") == 1
+
+
+_MLFLOW_READ = """
+import sys
+from mlflow.tracking import MlflowClient
+run = MlflowClient().get_run(sys.argv[1])
+print(run.data.metrics["loss"], MlflowClient().download_artifacts(sys.argv[1], "notes/hello.txt", sys.argv[2]))
+"""
+
+
+@pytest.mark.integration
+def test_postgres_backend_holds_mlflows_runs_across_down_and_up(tmp_path):
+    """`--backend postgres`: the stack's own PostgreSQL (run as an unprivileged user, on the stack's address)
+    is MLflow's store; a run logged before `down` is there after `up`, its artifact still in S3. The state dir
+    is outside pytest's (mode 700) tree: PostgreSQL's user must reach it."""
+    state = Path(tempfile.mkdtemp(prefix="rp-pg-"))
+    state.chmod(0o711)
+    stack = Stack(state, workers=0, backend="postgres", ports=ANY_PORT)
+    try:
+        stack.up()
+        assert stack.status()["backend"] == "postgres"
+        env = _client_env(MLFLOW_TRACKING_URI=stack.env()["MLFLOW_TRACKING_URI"])
+        logged = _python(_MLFLOW_CLIENT, env)
+        assert logged.returncode == 0, logged.stderr[-3000:]
+        run_id = logged.stdout.split()[-1]
+        assert not list(state.glob("*.db"))  # no SQLite store beside it
+        stack.down()
+        stack.up()
+        read = _python(_MLFLOW_READ, env, run_id, str(tmp_path / "artifacts"))
+        assert read.returncode == 0, read.stderr[-3000:]
+        loss, path = read.stdout.split()
+        assert float(loss) == 0.5 and Path(path).read_text() == "hello"
+    finally:
+        stack.down()
+        shutil.rmtree(state, ignore_errors=True)
+    assert stack.processes() == [] and stack.net.leftovers() == []
