@@ -151,12 +151,15 @@ def load_pretrained(
     *,
     model: str | None = None,
     pretrain_path: str | Path = "models/pretrain/model.pt",
+    tracking_uri: str | None = None,
 ) -> Pretrained:
     """The model ``source`` describes (see the module docstring), with a head for ``num_classes`` (None: the
     head the weights come with; ``none`` needs a count).
 
     ``model``: the architecture for ``none`` (required) and for a raw state dict (else inferred from its
     keys); for a source that names its architecture (a model file, torchvision weights) it must agree.
+    ``tracking_uri``: the store a ``models:/`` or ``runs:/`` source lives in (the stages pass the project's:
+    ``mlflow.tracking_uri``, else MLFLOW_TRACKING_URI, else the embedded store); None: MLflow's default.
     """
     if num_classes is not None and (
         isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1
@@ -187,7 +190,7 @@ def load_pretrained(
         elif kind == "s3":
             net, name = _load_s3(source, model)
         elif kind == "mlflow":
-            net, name = _load_mlflow(source, model)
+            net, name = _load_mlflow(source, model, tracking_uri)
         else:
             net, name = _load_path(Path(source).expanduser(), model, source)
     except (_SourceError, ValueError, PipelineError) as exc:
@@ -270,14 +273,24 @@ def _load_s3(uri: str, hint: str | None) -> tuple[ResNet, str]:
 # MLflow -----------------------------------------------------------------------------------------------------
 
 
-def _load_mlflow(uri: str, hint: str | None) -> tuple[ResNet, str]:
+def _load_mlflow(uri: str, hint: str | None, tracking_uri: str | None) -> tuple[ResNet, str]:
+    """`uri` resolved in the tracking store `tracking_uri` (also the registry's; None: MLflow's own default),
+    downloaded to a temporary directory and loaded from there, so MLflow's global settings stay as they were."""
     import mlflow  # only when needed
+    import mlflow.artifacts
     import mlflow.pytorch
 
+    tracking_uri = tracking_uri or mlflow.get_tracking_uri()
     try:
-        loaded = mlflow.pytorch.load_model(uri, map_location="cpu")
+        location = _registered_model_location(
+            uri, mlflow.MlflowClient(tracking_uri, registry_uri=tracking_uri)
+        )
+        with tempfile.TemporaryDirectory(prefix="pretrained-") as tmp:
+            local = mlflow.artifacts.download_artifacts(
+                artifact_uri=location, dst_path=tmp, tracking_uri=tracking_uri, registry_uri=tracking_uri
+            )
+            loaded = mlflow.pytorch.load_model(local, map_location="cpu")
     except Exception as exc:  # MlflowException, OSError from artifact stores, unpickling errors
-        tracking_uri = mlflow.get_tracking_uri()
         raise _SourceError(f"MLflow (tracking URI {tracking_uri}) cannot load it: {_one_line(exc)}") from exc
     inner = getattr(loaded, "model", loaded)  # resnet.predict.Classifier wraps our ResNet as .model
     if isinstance(inner, ResNet):
@@ -291,6 +304,21 @@ def _load_mlflow(uri: str, hint: str | None) -> tuple[ResNet, str]:
             f"the MLflow model is a {type(loaded).__name__}, not a torch module holding a ResNet"
         )
     return _build_from_state_dict(_clean(state_dict), hint, where="")
+
+
+def _registered_model_location(uri: str, client) -> str:
+    """`models:/NAME@ALIAS` or `models:/NAME/VERSION` → where that version's files are, asked of `client`'s
+    registry (MLflow 3.17 resolves a `models:/` URI in its global registry, whatever registry it is given).
+    Any other URI (`runs:/…`, a logged model's `models:/m-…`) is returned as it is."""
+    reference = uri.removeprefix("models:/").rstrip("/")
+    if not uri.startswith("models:/") or ("@" not in reference and "/" not in reference):
+        return uri
+    if "@" in reference:
+        name, alias = reference.split("@", 1)
+        version = client.get_model_version_by_alias(name, alias).version
+    else:
+        name, _, version = reference.rpartition("/")
+    return client.get_model_version_download_uri(name, version)
 
 
 # local files ------------------------------------------------------------------------------------------------

@@ -585,6 +585,56 @@ def mlflow_store(tmp_path, monkeypatch) -> str:
 
 
 @integration
+def test_the_stages_find_an_mlflow_model_in_the_projects_store(tmp_path, monkeypatch, tiny_fractals):
+    """`finetune.pretrained: models:/NAME@champion` resolves in the project's tracking store (here
+    `mlflow.tracking_uri` in params, MLFLOW_TRACKING_URI unset). Before, the stages asked MLflow's own default
+    store (./mlflow.db), did not find the model, and left that file behind."""
+    import mlflow
+    import mlflow.pytorch
+    import mlflow.tracking._tracking_service.utils as tracking_utils
+    from mlflow.tracking import MlflowClient
+
+    from resnet.config import parse_config
+    from resnet.predict import Classifier
+    from resnet.stages import pretrain
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.chdir(tmp_path)
+    store = f"sqlite:///{tmp_path / 'project.db'}"
+    model = seeded("resnet20", 10, seed=7)
+    mlflow.set_tracking_uri(store)
+    try:
+        experiment = MlflowClient().create_experiment(
+            "x", artifact_location=(tmp_path / "artifacts").as_uri()
+        )
+        with mlflow.start_run(experiment_id=experiment):
+            info = mlflow.pytorch.log_model(
+                Classifier(model, (0.5,) * 3, (0.25,) * 3).eval(),
+                name="model",
+                registered_model_name="project-model",
+                input_example=np.zeros((2, 3, 32, 32), dtype=np.float32),
+                pip_requirements=["torch"],
+                serialization_format="pickle",
+            )
+        MlflowClient().set_registered_model_alias("project-model", "champion", info.registered_model_version)
+    finally:  # back to MLflow's own default (set_tracking_uri also exports MLFLOW_TRACKING_URI)
+        monkeypatch.setattr(tracking_utils, "_tracking_uri", None)
+        monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    assert mlflow.get_tracking_uri() != store
+    cfg = parse_config(
+        {
+            "datasets": {"fractals": {"source": "fractals"}},
+            "pretrain": {"dataset": "fractals"},
+            "finetune": {"dataset": "fractals", "pretrained": "models:/project-model@champion"},
+            "mlflow": {"tracking_uri": store},
+        }
+    )
+    summary = pretrain.run(cfg, data=str(tiny_fractals), out="out", metrics="pretrain.json")
+    assert summary["kind"] == "mlflow" and summary["digest"] == state_dict_digest(clone_state(model))
+    assert not (tmp_path / "mlflow.db").exists()
+
+
+@integration
 def test_mlflow_model_uris(mlflow_store, tmp_path):
     import mlflow
     import mlflow.pytorch

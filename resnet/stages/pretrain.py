@@ -43,11 +43,14 @@ def take_starting_weights(cfg: Config, manifest: dict, out: str, metrics: str) -
     from resnet.engine import save_model_file
     from resnet.io import write_json
     from resnet.pretrained import describe_source, load_pretrained
+    from resnet.tracking import resolve_tracking_uri
 
     source = cfg.finetune.pretrained
     torch.manual_seed(cfg.pretrain.seed)
     classes = len(manifest["classes"]) if source == "none" else None
-    start = load_pretrained(source, classes, model=cfg.finetune.model)
+    start = load_pretrained(
+        source, classes, model=cfg.finetune.model, tracking_uri=resolve_tracking_uri(cfg.mlflow.tracking_uri)
+    )
     meta = {
         "model_name": start.model_name,
         "num_classes": start.model.fc.out_features,

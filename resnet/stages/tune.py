@@ -75,7 +75,7 @@ def run(
         sweep_summary,
         sweep_table,
     )
-    from resnet.tracking import start_stage_run
+    from resnet.tracking import resolve_tracking_uri, start_stage_run
 
     data = data or default_prepared_dir(cfg.finetune.dataset)
     manifest = read_manifest(data)
@@ -85,7 +85,11 @@ def run(
     origin = cfg.finetune.pretrained if source == "pretrain" else source
     torch.manual_seed(cfg.finetune.seed)  # the new head's initial weights, shared by every trial
     start = load_pretrained(
-        source, len(manifest["classes"]), model=cfg.finetune.model, pretrain_path=pretrain_model
+        source,
+        len(manifest["classes"]),
+        model=cfg.finetune.model,
+        pretrain_path=pretrain_model,
+        tracking_uri=resolve_tracking_uri(cfg.mlflow.tracking_uri),
     )
     data_hash = manifest["content_hash"]
     name = name or "tune-" + run_fingerprint(
