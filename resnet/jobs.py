@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import hashlib
+import io
 import json
 import logging
 import os
@@ -280,7 +281,12 @@ def repro_job(
     work = Path(tempfile.mkdtemp(prefix=f"{job_id}-"))
     shutil.copytree(source, work, dirs_exist_ok=True, ignore=shutil.ignore_patterns(".dvc/tmp"))
     print(f"repro-job {job_id}: working copy {work}", flush=True)
-    changed = _apply_params(work, overrides, storage)
+    # The user's overrides go back with the results; ray.storage_path is how this job ran, not a result.
+    handed_params = (
+        edit_params(work / "params.yaml", [_parse_override(o) for o in overrides]) if overrides else None
+    )
+    if storage:
+        edit_params(work / "params.yaml", [("ray.storage_path", storage)])
     if not (work / ".git").exists():
         dvc(work, "config", "--local", "core.no_scm", "true", quiet=True)
     configure_remote(work, remote)
@@ -290,7 +296,11 @@ def repro_job(
     dvc(work, "repro", *stages)
     _step(job_id, f"dvc push to {remote}")
     dvc(work, "push", "--remote", REMOTE_NAME)
-    files = upload_handback(work, handback_uri(remote, job_id), extra=["params.yaml"] if changed else [])
+    if handed_params is not None:
+        (work / "params.yaml").write_text(handed_params)
+    files = upload_handback(
+        work, handback_uri(remote, job_id), extra=["params.yaml"] if handed_params else []
+    )
     print(f"repro-job {job_id}: done; hand-back of {len(files)} files at {handback_uri(remote, job_id)}")
     return work
 
@@ -299,22 +309,26 @@ def _step(job_id: str, what: str) -> None:
     print(f"repro-job {job_id}: {what}", flush=True)
 
 
-def _apply_params(work: Path, overrides: Sequence[str], storage: str | None) -> bool:
-    """Write the overrides (and ray.storage_path) into the copy's params.yaml, validated; True if the user's
-    overrides changed it (then params.yaml goes back with the results)."""
-    from resnet.config import parse_config, set_dotted
+def edit_params(path: Path, settings: Sequence[tuple[str, Any]]) -> str:
+    """Set dotted keys in the params file at `path`, keeping its comments and order (as `dvc exp run -S`
+    does), and validate the result; returns the new text."""
+    from ruamel.yaml import YAML
 
-    if not overrides and not storage:
-        return False
-    path = work / "params.yaml"
-    raw = yaml.safe_load(path.read_text()) or {}
-    for key, value in [_parse_override(text) for text in overrides]:
-        raw = set_dotted(raw, key, value)
-    if storage:
-        raw = set_dotted(raw, "ray.storage_path", storage)
-    parse_config(raw, "params.yaml")
-    path.write_text(yaml.safe_dump(raw, sort_keys=False))
-    return bool(overrides)
+    from resnet.config import load_config
+
+    document = YAML()  # round trip: comments, order and quoting kept
+    data = document.load(path.read_text()) or {}
+    for dotted, value in settings:
+        *parents, leaf = dotted.split(".")
+        node = data
+        for key in parents:
+            node = node.setdefault(key, {})
+        node[leaf] = value
+    buffer = io.StringIO()
+    document.dump(data, buffer)
+    path.write_text(buffer.getvalue())
+    load_config(path)
+    return buffer.getvalue()
 
 
 def handback_files(work: Path) -> list[str]:

@@ -9,7 +9,8 @@ import json
 import pytest
 import yaml
 
-from resnet.jobs import _apply_params, fetch_handback, handback_files, main, upload_handback
+from resnet.errors import PipelineError
+from resnet.jobs import edit_params, fetch_handback, handback_files, main, upload_handback
 
 LOCK = {
     "schema": "2.0",
@@ -104,13 +105,20 @@ def test_the_handback_is_the_lock_file_and_every_file_output(tmp_path):
     ]
 
 
-def test_the_jobs_params_take_the_overrides_and_the_storage(tmp_path):
-    (tmp_path / "params.yaml").write_text("pretrain: {epochs: 2}\n")
-    assert _apply_params(tmp_path, ["pretrain.epochs=3"], "s3://ray/runs") is True
-    raw = yaml.safe_load((tmp_path / "params.yaml").read_text())
-    assert raw == {"pretrain": {"epochs": 3}, "ray": {"storage_path": "s3://ray/runs"}}
-    # the storage alone is an execution setting: params.yaml does not go back for it
-    assert _apply_params(tmp_path, [], "s3://ray/other") is False
+def test_a_jobs_params_change_keeps_the_files_comments_and_is_validated(tmp_path):
+    """What `-S` hands back must stay the user's file: comments and order kept, only the value changed."""
+    path = tmp_path / "params.yaml"
+    path.write_text("# the pipeline\npretrain:\n  epochs: 2   # short\n  lr: 0.1\n")
+    text = edit_params(path, [("pretrain.epochs", 3), ("ray.storage_path", "s3://ray/runs")])
+    assert (
+        text
+        == path.read_text()
+        == (
+            "# the pipeline\npretrain:\n  epochs: 3   # short\n  lr: 0.1\nray:\n  storage_path: s3://ray/runs\n"
+        )
+    )
+    with pytest.raises(PipelineError, match="pretrain.epochs"):
+        edit_params(path, [("pretrain.epochs", 0)])
 
 
 @pytest.mark.integration
@@ -132,8 +140,6 @@ def test_a_tampered_handback_file_writes_nothing(s3_env, tmp_path):
     (job / "metrics/eval.json").write_text(json.dumps({"test_acc": 1.0}))
     upload_file(job / "metrics/eval.json", f"{uri}/files/metrics/eval.json")  # not what handback.json says
     bad = tmp_path / "bad"
-    from resnet.errors import PipelineError
-
     with pytest.raises(PipelineError, match="sha256 differs"):
         fetch_handback(uri, bad)
     assert not bad.exists()
