@@ -173,10 +173,13 @@ def _check_checkout(checkout: Path, overrides: Sequence[str]) -> None:
 
 
 def _parse_override(text: str) -> tuple[str, Any]:
-    key, sep, value = text.partition("=")
-    if not sep or not key:
-        raise PipelineError(f"-S {text}: expected KEY=VALUE (e.g. pretrain.epochs=2)")
-    return key, yaml.safe_load(value)
+    """`-S KEY=VALUE` as the stages' own option parses it (resnet.cli.parse_override), a bad one in one line."""
+    from resnet.cli import parse_override
+
+    try:
+        return parse_override(text)
+    except argparse.ArgumentTypeError:
+        raise PipelineError(f"-S {text}: expected KEY=VALUE (e.g. pretrain.epochs=2)") from None
 
 
 def _job_client(address: str | None):

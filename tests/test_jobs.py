@@ -145,3 +145,12 @@ def test_a_tampered_handback_file_writes_nothing(s3_env, tmp_path):
     assert not bad.exists()
     recorded = json.loads((job / ".dvc/tmp/handback.json").read_text())["files"]["metrics/eval.json"]
     assert recorded == hashlib.sha256(json.dumps({"test_acc": 0.9}).encode()).hexdigest()
+
+
+def test_an_override_without_a_value_is_refused_in_one_line(checkout, capsys):
+    assert (
+        main(["--remote", "s3://dvc/store", "--address", "http://127.0.0.1:1", "-S", "pretrain.epochs"]) == 2
+    )
+    assert _one_error_line(capsys) == (
+        "resnet-pipeline submit: error: -S pretrain.epochs: expected KEY=VALUE (e.g. pretrain.epochs=2)"
+    )
