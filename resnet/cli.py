@@ -80,6 +80,8 @@ COMMANDS = {
         "run the pipeline on a Ray cluster as a job; its results come back here",
     ),
     "repro-job": ("resnet.jobs", "repro_job_main", "what a submitted job runs: dvc pull, repro, push"),
+    "predict": ("resnet.predict", "main", "class probabilities of images (files, folders, s3://) as CSV"),
+    "export": ("resnet.export", "main", "the model as ONNX, checked against PyTorch; --int8: quantized too"),
 }
 
 

@@ -33,6 +33,10 @@ SPLITS = ("train", "val", "test")
 MANIFEST = "manifest.json"
 PREPARED_ROOT = "data/prepared"  # where the prepare stage writes each dataset (dvc.yaml says the same)
 FORMAT = "resnet-pipeline/parquet-shards/v1"
+# How the sources other than imagefolder bring images to image_size: digits and cifar are square and resized by
+# `sources.resize_rgb` (bilinear, aspect ratio ignored), fractals are drawn at that size. The manifest's
+# "resize" (a policy of resnet.data.images.RESIZE_POLICIES) tells predictions how to treat new images.
+FIXED_RESIZE = "stretch"
 
 
 def stratified_split(labels: np.ndarray, val: float, test: float, seed: int) -> dict[str, np.ndarray]:
@@ -156,13 +160,15 @@ def write_prepared(
     shard_size: int = 10_000,
     max_rejected: float = 1.0,
     progress=None,
+    resize: str = FIXED_RESIZE,
 ) -> dict:
     """Split `raw` and write it to `out_dir` atomically: everything goes to a temporary sibling directory which
     replaces `out_dir` only once complete, so a failure never leaves a half-written dataset. Returns the manifest.
 
     `max_rejected` is the fraction of input files that may have been rejected by the source; more is an error
     (a dataset that lost a tenth of its images to corruption should not train silently). `progress`, if given,
-    is called as progress(iterable, desc=..., total=..., unit=...) around the shard writes.
+    is called as progress(iterable, desc=..., total=..., unit=...) around the shard writes. `resize` is the
+    policy the source resized its images with, recorded in the manifest (not part of the content hash).
     """
     out_dir = Path(out_dir)
     scanned = len(raw.labels) + len(raw.rejected)
@@ -202,6 +208,7 @@ def write_prepared(
             "classes": list(raw.classes),
             "class_to_index": {cls: i for i, cls in enumerate(raw.classes)},
             "image_shape": list(raw.images.shape[1:]),
+            "resize": resize,
             "seed": seed,
             "counts": {
                 name: {
@@ -249,6 +256,7 @@ def prepare_dataset(name: str, dataset, out_dir: str | Path, *, progress=None) -
         shard_size=dataset.shard_size,
         max_rejected=dataset.max_rejected,
         progress=progress,
+        resize=dataset.resize if dataset.source == "imagefolder" else FIXED_RESIZE,
     )
 
 
