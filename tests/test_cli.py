@@ -300,7 +300,9 @@ def test_training_stages_read_data_prepared_of_their_dataset_by_default(
     from resnet.models import build_model
 
     save_model_file(
-        tmp_path / "m.pt", build_model("resnet20", 10), {"model_name": "resnet20", "num_classes": 10}
+        tmp_path / "m.pt",
+        build_model("resnet20", 10),
+        {"model_name": "resnet20", "num_classes": 10, "mean": [0.5] * 3, "std": [0.2] * 3},
     )
     argv = {"pretrain": [], "tune": ["--pretrained", "m.pt"], "evaluate": ["--model", "m.pt"]}[stage]
     assert main([stage, *argv]) == 2

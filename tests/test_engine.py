@@ -498,36 +498,6 @@ def test_finetune_config_is_an_optimizer_config():
     assert optim.batch_size == 32 and optim.strategy == "linear_probe"
 
 
-def test_evaluate_model_file_agrees_with_its_predictions(tmp_path):
-    from resnet.data.prepare import read_manifest, write_prepared
-    from resnet.data.sources import RawDataset
-    from resnet.evaluate import evaluate_model_file
-
-    data = tiny_data()
-    images = torch.cat([s.images for s in data.splits.values()]).permute(0, 2, 3, 1).numpy()
-    labels = torch.cat([s.labels for s in data.splits.values()]).numpy()
-    write_prepared(
-        RawDataset(images, labels, ("dark", "bright")), tmp_path / "d", val=0.2, test=0.2, seed=0, source="t"
-    )
-    model = build_model("resnet20", 2)
-    meta = {"model_name": "resnet20", "num_classes": 2, "classes": ["dark", "bright"], "mean": [0.47] * 3}
-    save_model_file(tmp_path / "m.pt", model, meta | {"std": [0.25] * 3})
-    report = evaluate_model_file(tmp_path / "m.pt", tmp_path / "d")
-    rows = report.predictions
-    assert len(rows) == report.metrics["test_images"] > 0
-    assert sum(r["actual"] == r["predicted"] for r in rows) / len(rows) == pytest.approx(
-        report.metrics["test_acc"]
-    )
-    manifest = read_manifest(tmp_path / "d")
-    assert report.metrics["test_images"] == manifest["counts"]["test"]["total"]
-    assert report.data_hash == manifest["content_hash"]
-    for name in ("dark", "bright"):
-        mine = [r for r in rows if r["actual"] == name]
-        assert len(mine) == manifest["counts"]["test"]["per_class"][name]
-        hits = sum(r["predicted"] == name for r in mine) / len(mine)
-        assert report.metrics["per_class_acc"][name] == pytest.approx(hits, abs=1e-6)
-
-
 def test_classifier_normalises_inside(tmp_path):
     from resnet.predict import load_classifier
 
