@@ -460,6 +460,10 @@ class RayConfig(Section):
     def execution_settings(self) -> dict[str, Any]:
         return self.model_dump(exclude=set(self.RESULT_FIELDS))
 
+    @property
+    def device(self) -> str:
+        return "cuda" if self.use_gpu else "cpu"
+
 
 class MlflowConfig(Section):
     """Tracking: `tracking_uri`, else `MLFLOW_TRACKING_URI`, else an embedded SQLite store in the repo."""
@@ -468,9 +472,28 @@ class MlflowConfig(Section):
     experiment: str = Field("resnet-pipeline", min_length=1)
 
 
+ALIAS = r"^[A-Za-z_][A-Za-z0-9_-]*$"
+
+
 class RegisterConfig(Section):
+    """Who becomes champion: a candidate better by `min_improvement` on `metric` whose difference from the
+    champion is significant (McNemar's exact test on their paired test predictions, at level `alpha`)."""
+
+    # Lower is better for these; higher for the rest.
+    LOWER_IS_BETTER: ClassVar[tuple[str, ...]] = ("test_loss", "test_ece")
+
     model_name: str = Field("resnet-digits", min_length=1, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
-    alias: str = Field("champion", min_length=1, pattern=r"^[A-Za-z_][A-Za-z0-9_-]*$")
+    alias: str = Field("champion", min_length=1, pattern=ALIAS)
+    challenger_alias: str = Field("challenger", min_length=1, pattern=ALIAS)
+    metric: Literal["test_acc", "test_f1_macro", "test_top5_acc", "test_loss", "test_ece"] = "test_acc"
+    min_improvement: float = Field(0.0, ge=0)
+    alpha: float = Field(0.05, gt=0, lt=1)
+
+    @model_validator(mode="after")
+    def _distinct_aliases(self) -> RegisterConfig:
+        if self.alias == self.challenger_alias:
+            raise ValueError(f"@challenger_alias: must differ from alias ({self.alias!r})")
+        return self
 
 
 with warnings.catch_warnings():

@@ -453,6 +453,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         "num_classes": data.num_classes,
         "classes": held_out.classes,
         "image_size": int(held_out.splits["val"].images.shape[-1]),
+        "resize": read_manifest(job.data_dir).get("resize", "center_crop"),  # how new images are resized
         "mean": list(data.mean),
         "std": list(data.std),
         "data_hash": held_out.content_hash,
@@ -482,18 +483,21 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             write_checkpoint(Path(directory), state, rank, model_meta)
             ray.train.report(metrics, checkpoint=Checkpoint.from_directory(directory))
 
-    fit(
-        model,
-        data,
-        optim,
-        augment,
-        device=ray.train.torch.get_device(),
-        rank=rank,
-        world_size=world_size,
-        plan=plan,
-        resume=resume,
-        on_epoch_end=report,
-    )
+    from resnet.tracking import system_metrics  # mlflow: imported where a run is logged, not by every user
+
+    with system_metrics(job.mlflow_run if rank == 0 else None):  # one node's view: rank 0's
+        fit(
+            model,
+            data,
+            optim,
+            augment,
+            device=ray.train.torch.get_device(),
+            rank=rank,
+            world_size=world_size,
+            plan=plan,
+            resume=resume,
+            on_epoch_end=report,
+        )
 
 
 def scaling_config(cfg: RayConfig, cpus_per_worker: float | None = None) -> ScalingConfig:

@@ -9,11 +9,13 @@ process that creates a run (a stage, a Tune trial) is often not the one that log
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import re
 import subprocess
 import time
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -25,6 +27,9 @@ from mlflow.tracking import MlflowClient
 # says what the stage did. Warnings and errors still show.
 logging.getLogger("mlflow").setLevel(logging.WARNING)
 
+# System metrics (CPU, memory, disk, network; GPU through nvidia-ml-py where there is one) of a training run:
+# one sample every this many seconds (MLflow's MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL overrides it).
+SYSTEM_METRICS_INTERVAL_S = 5.0
 EMBEDDED_DB = "mlruns.db"
 EMBEDDED_ARTIFACTS = "mlartifacts"
 
@@ -63,6 +68,14 @@ def git_commit(root: str | Path = ".") -> str | None:
     except (OSError, subprocess.SubprocessError):
         return None
     return out.stdout.strip() or None
+
+
+_URI_PASSWORD = re.compile(r"(?P<head>[A-Za-z][A-Za-z0-9+.-]*://[^:/@\s]*):[^@/\s]+@")
+
+
+def redact(text: str) -> str:
+    """`text` with the password of any URI in it replaced: postgresql://u:s3cret@h/db → postgresql://u:***@h/db."""
+    return _URI_PASSWORD.sub(r"\g<head>:***@", text)
 
 
 def flatten(params: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
@@ -109,7 +122,7 @@ class RunHandle:
         as tags with their current values. MLflow refuses to change a param, so these are never params. Returns
         and prints (one line) those that changed since the run's previous attempt: {key: (before, now)}."""
         before = self.client.get_run(self.run_id).data.tags
-        now = flatten(settings)
+        now = {key: redact(value) for key, value in flatten(settings).items()}
         changed = {key: (before[key], value) for key, value in now.items() if before.get(key, value) != value}
         if changed:
             summary = ", ".join(f"{key} {old} → {new}" for key, (old, new) in changed.items())
@@ -187,3 +200,31 @@ def start_stage_run(
         stage,
         tags={"pipeline.stage": stage, "data.content_hash": data_hash, **(resume_tags or {})},
     )
+
+
+@contextlib.contextmanager
+def system_metrics(run: RunHandle | None) -> Iterator[None]:
+    """Sample this machine's CPU, memory, disk, network and GPUs into `run` (as `system/...` metrics) while the
+    block runs: MLflow's monitor, started for a run addressed by id (it only starts itself for runs it made).
+    A monitor that cannot start is a warning, never a failed training run."""
+    if run is None:
+        yield
+        return
+    try:
+        from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+        monitor = SystemMetricsMonitor(
+            run.run_id,
+            sampling_interval=SYSTEM_METRICS_INTERVAL_S,
+            resume_logging=True,  # a restarted worker group goes on counting steps
+            tracking_uri=run.tracking_uri,
+        )
+        monitor.start()
+    except Exception as exc:  # noqa: BLE001 -- metrics about the machine are not worth a training run
+        logging.getLogger(__name__).warning("system metrics not recorded: %s", exc)
+        yield
+        return
+    try:
+        yield
+    finally:
+        monitor.finish()

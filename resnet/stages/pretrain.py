@@ -93,6 +93,7 @@ def run(
     )
     from resnet.errors import PipelineError
     from resnet.io import write_json
+    from resnet.lineage import DatasetUse, record_lineage
     from resnet.tracking import start_stage_run
 
     data_hash = manifest["content_hash"]
@@ -113,6 +114,8 @@ def run(
             }
         )
         run_handle.record_settings(STAGE, {"ray": cfg.ray.execution_settings()})
+        use = DatasetUse(cfg.pretrain.dataset, str(data), data_hash, ("train", "val"))
+        record_lineage(run_handle, cfg, STAGE, [use], world_size=cfg.ray.num_workers, device=cfg.ray.device)
         job = TrainJob(
             data_dir=resolve_location(data),
             optim=cfg.pretrain.model_dump(),

@@ -65,6 +65,7 @@ def run(
     )
     from resnet.errors import PipelineError
     from resnet.io import write_csv, write_json
+    from resnet.lineage import DatasetUse, record_lineage
     from resnet.pretrained import describe_source, load_pretrained
     from resnet.sweep import (
         best_checkpoint_path,
@@ -115,6 +116,8 @@ def run(
         )
         parent.log_params({f"search_space.{k}": v.model_dump() for k, v in cfg.tune.search_space.items()})
         parent.record_settings(STAGE, {"ray": cfg.ray.execution_settings()})
+        use = DatasetUse(cfg.finetune.dataset, str(data), data_hash, ("train", "val"))
+        record_lineage(parent, cfg, STAGE, [use], world_size=cfg.workers_per_trial, device=cfg.ray.device)
         parent.set_tags(
             {
                 "pretrained": origin,
