@@ -12,69 +12,13 @@ import sys
 from pathlib import Path
 
 import pytest
-import yaml
 
 pytestmark = pytest.mark.integration
 
-TINY = {
-    "datasets": {
-        "fractals": {"image_size": 16, "fractals": {"num_classes": 10, "per_class": 20, "points": 400}},
-        "digits": {"image_size": 16},
-    },
-    # Pretraining streams its shards through Ray Data; fine-tuning holds them in memory: both paths run.
-    "pretrain": {"epochs": 2, "loader": "ray_data"},
-    "finetune": {"epochs": 2},
-    # Two epochs of pretraining on 160 tiny images teach the backbone little, so a linear probe on it stays
-    # near chance: both trials fine-tune fully (tests/test_engine.py covers the linear probe).
-    "tune": {
-        "num_samples": 2,
-        "search_space": {"strategy": {"distribution": "choice", "values": ["full"]}},
-    },
-}
-
-
-def _merge(base: dict, update: dict) -> dict:
-    out = dict(base)
-    for key, value in update.items():
-        out[key] = _merge(base.get(key, {}), value) if isinstance(value, dict) else value
-    return out
-
 
 @pytest.fixture(scope="module")
-def project(tmp_path_factory, repo_root: Path, ray_address: str) -> dict:
-    """A git + DVC copy of the project with tiny params, after one `dvc repro`."""
-    work = tmp_path_factory.mktemp("project")
-    for name in ("resnet", "pipelines"):
-        shutil.copytree(repo_root / name, work / name, ignore=shutil.ignore_patterns("__pycache__"))
-    for name in ("dvc.yaml", ".dvcignore"):
-        if (repo_root / name).exists():
-            shutil.copy(repo_root / name, work / name)
-    (work / ".dvc").mkdir()
-    shutil.copy(repo_root / ".dvc" / "config", work / ".dvc" / "config")
-    params = _merge(yaml.safe_load((repo_root / "params.yaml").read_text()), TINY)
-    (work / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    subprocess.run(["git", "init", "-q"], cwd=work, check=True)
-
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "RAY_ADDRESS"))}
-    env |= {
-        "RAY_ADDRESS": ray_address,
-        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}",  # dvc.yaml's `python`
-        "PYTHONUNBUFFERED": "1",
-    }
-
-    def repro() -> subprocess.CompletedProcess:
-        return subprocess.run(
-            [sys.executable, "-m", "dvc", "repro"],
-            cwd=work,
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=1200,
-        )
-
-    first = repro()
-    assert first.returncode == 0, first.stdout[-4000:] + first.stderr[-4000:]
-    return {"dir": work, "first": first, "repro": repro, "params": params}
+def project(pipeline_project) -> dict:
+    return pipeline_project
 
 
 def _client(work: Path):

@@ -129,6 +129,17 @@ def test_the_model_is_registered_as_champion_on_the_mlflow_server(submitted):
     client = MlflowClient(submitted["env"]["MLFLOW_TRACKING_URI"])
     assert client.get_model_version_by_alias("resnet-submitted", "champion").version == str(record["version"])
     assert not (submitted["checkout"] / "mlruns.db").exists()  # nothing went to an embedded store
+    # Lineage over HTTP, as in the embedded store: one pipeline run id, DVC's digest on the inputs.
+    run = client.get_run(record["run_id"])
+    stage_runs = client.search_runs(
+        [run.info.experiment_id], f"tags.`pipeline.run_id` = '{run.data.tags['pipeline.run_id']}'"
+    )
+    stages = {r.data.tags["pipeline.stage"] for r in stage_runs if "mlflow.parentRunId" not in r.data.tags}
+    assert stages == {"pretrain", "tune", "evaluate", "register"}
+    (used,) = run.inputs.dataset_inputs
+    assert used.dataset.name == "digits-test" and used.dataset.digest.endswith(".dir")
+    version = client.get_model_version_by_alias("resnet-submitted", "champion")
+    assert version.description.startswith(f"# resnet-submitted version {record['version']} (@champion)")
 
 
 def test_dvc_outputs_are_in_the_remote_and_the_checkout_is_up_to_date(submitted):
