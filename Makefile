@@ -4,11 +4,11 @@ SHELL := /bin/bash
 PYTHON ?= python3
 UV := $(shell command -v uv 2>/dev/null || echo "$(PYTHON) -m uv")
 
-.PHONY: help uv sync repro test lint format mlflow-ui clean
+.PHONY: help uv sync chromium repro test lint format mlflow-ui clean
 
 help:
 	@echo "make repro      run the whole pipeline (dvc repro) on the embedded default"
-	@echo "make test       ruff + the test suite (unit and integration)"
+	@echo "make test       ruff + the test suite (unit and integration); installs Chromium for the UI tests"
 	@echo "make mlflow-ui  browse runs and the registry at http://127.0.0.1:5000"
 
 uv:
@@ -18,6 +18,19 @@ uv:
 sync: uv
 	$(UV) sync --frozen
 
+# Headless Chromium for tests/test_ui.py (the MLflow UI as a user sees it), from apt when missing: as root, or
+# through sudo. Without apt or either of those it only says so: the UI tests then skip (and fail under CI=true).
+chromium:
+	@[ -z "$$CHROMIUM" ] || exit 0; \
+	for browser in chromium chromium-browser google-chrome google-chrome-stable; do \
+		command -v $$browser >/dev/null 2>&1 && exit 0; done; \
+	if [ "$$(id -u)" = 0 ]; then SUDO=; elif command -v sudo >/dev/null 2>&1; then SUDO=sudo; \
+	else echo "chromium: missing, and neither root nor sudo to install it: the UI tests will skip"; exit 0; fi; \
+	if ! command -v apt-get >/dev/null 2>&1; then \
+		echo "chromium: missing, and no apt-get to install it: the UI tests will skip"; exit 0; fi; \
+	echo "chromium: installing it (apt-get install chromium)"; \
+	$$SUDO apt-get update -qq && $$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null
+
 repro: sync
 	$(UV) run --frozen dvc repro
 
@@ -25,7 +38,7 @@ lint: sync
 	$(UV) run --frozen ruff check .
 	$(UV) run --frozen ruff format --check .
 
-test: lint
+test: lint chromium
 	$(UV) run --frozen pytest
 
 format: sync
