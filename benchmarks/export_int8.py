@@ -35,6 +35,7 @@ from onnxruntime.quantization import QuantType
 
 from resnet import export
 from resnet.data.loading import load_prepared
+from resnet.predict import load_classifier
 
 BATCHES = (1, 64)
 
@@ -78,7 +79,7 @@ def main() -> None:
         calibration = export.calibration_sample(args.data, args.model, args.calibration)
         quantized = export.quantize_int8(fp32_path, int8_path, calibration)
 
-        classifier, meta = export.load_model(args.model)
+        classifier, meta = load_classifier(args.model)
         test = load_prepared(args.data, splits=("test",)).splits["test"]
         images, labels = export.as_float_images(test.images), test.labels.numpy()
         sessions = {

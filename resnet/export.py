@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import pickle
 import statistics
 import sys
 import tempfile
@@ -40,7 +39,7 @@ from onnxruntime.quantization.shape_inference import quant_pre_process
 from resnet.data.loading import load_prepared
 from resnet.errors import PipelineError
 from resnet.io import atomic_path
-from resnet.predict import Classifier, load_classifier
+from resnet.predict import load_classifier
 
 PROG = "resnet-pipeline export"
 INPUT_NAME = "images"
@@ -61,27 +60,13 @@ CALIBRATION_BATCH = 32
 ACTIVATIONS = QuantType.QUInt8
 
 
-def load_model(model_path: str | Path) -> tuple[Classifier, dict]:
-    """`load_classifier`, with a missing or unreadable model file as a `PipelineError` naming it."""
-    path = Path(model_path)
-    if not path.is_file():
-        raise PipelineError(f"{path}: no such model file")
-    try:
-        return load_classifier(path)
-    # What torch.load and rebuilding the model raise for a file that is not one of ours: a truncated archive
-    # (RuntimeError), other bytes (UnpicklingError), an empty file (EOFError), other keys (KeyError), an unknown
-    # architecture (ValueError), weights of another shape (RuntimeError).
-    except (OSError, RuntimeError, EOFError, KeyError, ValueError, pickle.UnpicklingError) as err:
-        raise PipelineError(f"{path}: not a readable model file ({_first_line(err)})") from None
-
-
 def export_onnx(model_path: str | Path, out_path: str | Path, *, opset: int | None = None) -> dict:
     """Export the model file's `Classifier` to ONNX at `out_path` (one file, dynamic batch dimension), after
     checking ONNX Runtime's logits against PyTorch's on random images at batch sizes 1 and 5.
 
     Returns {"path", "max_abs_diff", "tolerance", "opset", "bytes"}; raises `PipelineError` (and writes
     nothing) if the logits differ by more than `ATOL`. `opset`: None for torch's default."""
-    classifier, meta = load_model(model_path)
+    classifier, meta = load_classifier(model_path)
     size = int(meta["image_size"])
     example = torch.rand(2, 3, size, size, generator=torch.Generator().manual_seed(0))
     # The torch.export-based exporter (dynamo=True), torch's default since 2.9 (the TorchScript one is
@@ -328,7 +313,7 @@ def calibration_sample(
 ) -> torch.Tensor:
     """`count` images drawn at random (seeded) from the prepared dataset's train split, uint8 (N, 3, H, W);
     the dataset must have the model's classes and image size."""
-    _, meta = load_model(model_path)
+    _, meta = load_classifier(model_path)
     data = load_prepared(data_dir, splits=("train",))
     images = data.splits["train"].images
     if list(data.classes) != list(meta["classes"]) or images.shape[-1] != meta["image_size"]:

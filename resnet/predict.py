@@ -30,6 +30,7 @@ import argparse
 import contextlib
 import csv
 import os
+import pickle
 import sys
 import tempfile
 from collections.abc import Callable, Iterator, Sequence
@@ -63,9 +64,18 @@ class Classifier(nn.Module):
 
 
 def load_classifier(model_path: str | Path) -> tuple[Classifier, dict]:
-    """A model file → (Classifier in eval mode, meta with class names)."""
-    model, meta = load_model_file(model_path)
-    return Classifier(model, tuple(meta["mean"]), tuple(meta["std"])).eval(), meta
+    """A model file → (Classifier in eval mode, meta with class names). A missing file, or one that is not a
+    model file of this project, is a `PipelineError` naming it."""
+    if not Path(model_path).is_file():
+        raise PipelineError(f"{model_path}: no such model file")
+    try:
+        model, meta = load_model_file(model_path)
+        return Classifier(model, tuple(meta["mean"]), tuple(meta["std"])).eval(), meta
+    # What torch.load and rebuilding the model raise for a file that is not one of ours: a truncated archive
+    # or weights of another shape (RuntimeError), other bytes (UnpicklingError), an empty file (EOFError),
+    # other keys (KeyError), an unknown architecture (ValueError).
+    except (OSError, RuntimeError, EOFError, KeyError, ValueError, pickle.UnpicklingError) as exc:
+        raise PipelineError(f"{model_path}: not a model file of this project ({_reason(exc)})") from None
 
 
 def pixels_from_images(images: np.ndarray) -> torch.Tensor:
@@ -121,12 +131,7 @@ def _load_file(source: str) -> tuple[nn.Module, dict]:
     path = Path(source).expanduser()
     if path.is_dir() and (path / MODEL_FILE).is_file():
         path = path / MODEL_FILE
-    if not path.is_file():
-        raise PipelineError(f"{source}: no such model file")
-    try:
-        return load_classifier(path)
-    except Exception as exc:  # not a zip/pickle, wrong keys, unknown architecture, a state dict without meta
-        raise PipelineError(f"{source}: not a model file of this project ({_reason(exc)})") from exc
+    return load_classifier(path)
 
 
 def _predictor(source: str, model: nn.Module, meta: dict) -> Predictor:

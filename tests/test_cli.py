@@ -290,7 +290,14 @@ def test_training_stages_read_data_prepared_of_their_dataset_by_default(
 ):
     # pretrain and tune import Ray before they read the manifest: stubs keep this test fast. The manifest is
     # read first, so the stubs are never used.
-    for module in ("ray", "ray.train", "resnet.distributed", "resnet.sweep", "resnet.tracking"):
+    for module in (
+        "ray",
+        "ray.train",
+        "resnet.distributed",
+        "resnet.sweep",
+        "resnet.tracking",
+        "resnet.lineage",
+    ):
         monkeypatch.setitem(sys.modules, module, _Stub(module))
     monkeypatch.chdir(tmp_path)
     (tmp_path / "params.yaml").write_text(

@@ -162,3 +162,17 @@ def test_evaluate_refuses_a_model_trained_on_another_split(prepared_pair, tmp_pa
     assert code == 2 and len(err) == 1
     assert "m.pt: trained on data" in err[0] and "resplit" in err[0]
     assert not (tmp_path / "metrics").exists() and not (tmp_path / "mlruns.db").exists()
+
+
+def test_evaluate_refuses_a_truncated_model_file_in_one_line(prepared_pair, tmp_path, monkeypatch, capsys):
+    from resnet.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "cut.pt").write_bytes((prepared_pair / "m.pt").read_bytes()[:5000])
+    argv = ["evaluate", "--params", str(REPO / "params.yaml"), "--data", str(prepared_pair / "d")]
+    assert main([*argv, "--model", "cut.pt"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(
+        "resnet-pipeline evaluate: error: cut.pt: not a model file of this project ("
+    )
+    assert not (tmp_path / "metrics").exists()
