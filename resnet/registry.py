@@ -75,8 +75,14 @@ def _champion_scores(client, tracking_uri: str, cfg: Config, data) -> tuple[Scor
         return None
     uri = f"models:/{name}/{version.version}"
     mlflow.set_tracking_uri(tracking_uri)  # MLflow resolves models:/ in its global registry
-    classifier = mlflow.pytorch.load_model(uri, map_location="cpu")
-    classes = (mlflow.models.get_model_info(uri).metadata or {}).get("classes")
+    try:
+        classifier = mlflow.pytorch.load_model(uri, map_location="cpu")
+        classes = (mlflow.models.get_model_info(uri).metadata or {}).get("classes")
+    except Exception as exc:  # noqa: BLE001 -- whatever MLflow raises, the decision cannot be made
+        reason = " ".join(str(exc).split())[:300] or type(exc).__name__
+        raise PipelineError(
+            f"{name}@{alias} (version {version.version}) cannot be loaded to compare with: {reason}"
+        ) from None
     if list(classes or []) != list(data.classes):
         raise PipelineError(
             f"{name}@{alias} (version {version.version}) predicts classes {classes}, the candidate "

@@ -137,7 +137,8 @@ def test_the_model_is_registered_as_champion_on_the_mlflow_server(submitted):
     stages = {r.data.tags["pipeline.stage"] for r in stage_runs if "mlflow.parentRunId" not in r.data.tags}
     assert stages == {"pretrain", "tune", "evaluate", "register"}
     (used,) = run.inputs.dataset_inputs
-    assert used.dataset.name == "digits-test" and used.dataset.digest.endswith(".dir")
+    assert used.dataset.name == f"{run.data.params['finetune.dataset']}-test"
+    assert used.dataset.digest.endswith(".dir")  # DVC's hash of the prepared directory
     version = client.get_model_version_by_alias("resnet-submitted", "champion")
     assert version.description.startswith(f"# resnet-submitted version {record['version']} (@champion)")
 
