@@ -14,6 +14,7 @@ import contextlib
 import io
 import json
 import logging
+import os
 import sys
 import tempfile
 from pathlib import Path
@@ -37,12 +38,19 @@ def _registry_chatter_kept_out():
     environment_log = logging.getLogger("mlflow.utils.environment")
     level = environment_log.level
     environment_log.setLevel(logging.ERROR)
+    # MLflow's download progress bars while it builds the logged model (its files are local, the bars noise).
+    progress_bar = os.environ.get("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR")
+    os.environ["MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"] = "false"
     printed = io.StringIO()
     try:
         with contextlib.redirect_stderr(printed):
             yield
     finally:
         environment_log.setLevel(level)
+        if progress_bar is None:
+            os.environ.pop("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR")
+        else:
+            os.environ["MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"] = progress_bar
         kept = [line for line in printed.getvalue().splitlines(True) if not line.startswith(REGISTRY_CHATTER)]
         sys.stderr.write("".join(kept))
 

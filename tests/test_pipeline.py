@@ -111,6 +111,7 @@ FRAMEWORK_NOISE = (
     "already exists. Creating a new version",
     "Created version",
     "Failed to resolve installed pip version",
+    "Downloading artifacts",
 )
 
 

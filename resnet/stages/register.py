@@ -75,7 +75,8 @@ def run(
     write_json(out, record)
     name, version = record["name"], record["version"]
     if not record["registered"]:
-        print(f"{STAGE}: {name}: {record['reason']} (@{record['alias']})")
+        holds = f"@{record['alias']}" if record["alias"] else "no alias"
+        print(f"{STAGE}: {name}: {record['reason']} ({holds})")
     elif record["decision"]["promoted"]:
         print(f"{STAGE}: {name} version {version} is now @{record['alias']}: {record['decision']['reason']}")
     else:
