@@ -126,8 +126,14 @@ def config_params(cfg: Config) -> dict[str, str]:
 
 
 def lineage_tags(
-    cfg: Config, stage: str, datasets: Iterable[DatasetUse], *, world_size: int, device: str
+    stage: str,
+    datasets: Iterable[DatasetUse],
+    digests: dict[str, str | None],
+    *,
+    world_size: int,
+    device: str,
 ) -> dict[str, str]:
+    """`digests`: DVC's hash of each dataset by name (`dvc_digest`, None where dvc.lock has none)."""
     tags = {
         "pipeline.run_id": pipeline_run_id(),
         "pipeline.stage": stage,
@@ -141,28 +147,23 @@ def lineage_tags(
         tags["dvc.lock.sha256"] = lock
     for use in datasets:
         tags[f"data.{use.name}.content_hash"] = use.content_hash
-        digest = dvc_digest(use.path)
-        if digest:
-            tags[f"data.{use.name}.dvc_md5"] = digest
+        if digests[use.name]:
+            tags[f"data.{use.name}.dvc_md5"] = digests[use.name]
     return {key: redact(value) for key, value in tags.items()}
 
 
-def dataset_inputs(datasets: Iterable[DatasetUse]) -> list:
+def dataset_inputs(datasets: Iterable[DatasetUse], digests: dict[str, str | None]) -> list:
     """MLflow dataset inputs, one per (dataset, split), digest = DVC's hash where dvc.lock has it."""
     from mlflow.entities import Dataset, DatasetInput, InputTag
 
     inputs = []
     for use in datasets:
-        digest = dvc_digest(use.path) or use.content_hash
-        source = {
-            "uri": redact(str(use.path)),
-            "dvc_md5": dvc_digest(use.path),
-            "content_hash": use.content_hash,
-        }
+        dvc_md5 = digests[use.name]
+        source = {"uri": redact(str(use.path)), "dvc_md5": dvc_md5, "content_hash": use.content_hash}
         for split in use.splits:
             dataset = Dataset(
                 name=f"{use.name}-{split}",
-                digest=digest[:36],
+                digest=(dvc_md5 or use.content_hash)[:36],
                 source_type="dvc",
                 source=json.dumps(source),
             )
@@ -182,7 +183,8 @@ def record_lineage(
     """Tag `run` with its lineage, log the config params it does not hold yet (a resumed run keeps its first
     attempt's), and its dataset inputs. Call it after the stage's own `log_params`."""
     datasets = list(datasets)
-    run.set_tags(lineage_tags(cfg, stage, datasets, world_size=world_size, device=device))
+    digests = {use.name: dvc_digest(use.path) for use in datasets}
+    run.set_tags(lineage_tags(stage, datasets, digests, world_size=world_size, device=device))
     held = run.client.get_run(run.run_id).data.params
     run.log_params({key: value for key, value in config_params(cfg).items() if key not in held})
-    run.client.log_inputs(run.run_id, datasets=dataset_inputs(datasets))
+    run.client.log_inputs(run.run_id, datasets=dataset_inputs(datasets, digests))

@@ -99,9 +99,10 @@ def _champion_scores(client, tracking_uri: str, cfg: Config, data) -> tuple[Scor
     return score(classifier, classes, data), version.version
 
 
-def _decision(cfg: Config, candidate: Scores, champion: Scores | None) -> Decision:
+def _decision(cfg: Config, candidate: Scores, metrics: dict, champion: Scores | None) -> Decision:
+    """`metrics`: the candidate's `summary_metrics`."""
     metric = cfg.register.metric
-    mine = summary_metrics(candidate)[metric]
+    mine = metrics[metric]
     if champion is None:
         return Decision(True, f"first version: no @{cfg.register.alias} to compare with", mine)
     return decide(
@@ -176,9 +177,9 @@ def register_model(
             "reason": f"this model file is already version {existing.version}; nothing registered",
         }
     champion = _champion_scores(client, tracking_uri, cfg, data)
-    decision = _decision(cfg, candidate, champion[0] if champion else None)
-    alias = reg.alias if decision.promote else reg.challenger_alias
     metrics = summary_metrics(candidate)
+    decision = _decision(cfg, candidate, metrics, champion[0] if champion else None)
+    alias = reg.alias if decision.promote else reg.challenger_alias
 
     run = start_stage_run(cfg.mlflow, "register", data.content_hash)
     with run:
