@@ -25,12 +25,14 @@ head; `status` says which mode is on.
 
 Ports. S3, MLflow, the GCS and the dashboard prefer their usual ports (8333, 5000, 6379, 8265) when free, else
 any free port; the choice is kept in the state, so addresses survive `down`/`up`. Ray's other listeners get
-free ports at each start and blocks of worker ports in 20000-32000, and each node keeps its sockets and logs
+free ports at each start (30000-32767) and blocks of worker ports in 20000-29999, and each node keeps its sockets and logs
 under its own short `--temp-dir`: another Ray on the machine (a test session's `ray.init`) is never touched
 (no `ray stop`, no /tmp/ray, no ~/.ray).
 
-Secrets. The S3 keys and the Ray token are made once into <state>/secrets.json (mode 600) and handed to every
-service and node in its environment (never in a job's runtime_env, which the dashboard shows). The client
+Secrets. The S3 keys, the Ray token and the MLflow server's admin password are made once into
+<state>/secrets.json (mode 600) and handed to every service and node in its environment (never in a job's
+runtime_env, which the dashboard shows). The MLflow server runs MLflow's basic-auth app: without the user
+(MLFLOW_TRACKING_USERNAME/PASSWORD, which MLflow's clients read) every request but /health is refused. The client
 environment goes to <state>/env (mode 600); nothing secret is printed.
 
 Processes. Each service (SeaweedFS, PostgreSQL, MLflow, each Ray node) starts in a session and process group of
@@ -67,6 +69,7 @@ BUCKETS = ("data", "dvc", "mlflow", "ray")
 DVC_REMOTE = "s3://dvc/store"
 RAY_STORAGE = "s3://ray/runs"
 MLFLOW_ARTIFACTS = "s3://mlflow/artifacts"
+MLFLOW_ADMIN = "admin"  # the MLflow server's user (basic auth); its password is generated into secrets.json
 REGION = "us-east-1"
 HEALTH_TIMEOUT = 180.0  # seconds per service: MLflow alone takes 15-60 s on a slow 2-core machine
 # the user-facing ports: preferred values, else any free port
@@ -87,14 +90,17 @@ _RAY_HEAD_ENV_PORTS = {
     "dashboard-metrics": "DASHBOARD_METRIC_PORT",
     "autoscaler-metrics": "AUTOSCALER_METRIC_PORT",
 }
-_WORKER_PORT_RANGE = (20000, 32000)
+# Every port the stack listens on comes from below Linux's ephemeral range (32768-60999): a port picked there
+# can be taken by any outgoing connection before the server binds it (a Ray head then hangs at start-up).
+# Listeners draw from one range, Ray's worker blocks from another, both above Ray's default worker range.
+_LISTEN_PORT_RANGE = (30000, 32768)
+_WORKER_PORT_RANGE = (20000, 30000)
 _WORKER_PORTS = 100
 _MAX_RAY_TEMP = 36  # Ray's unix socket paths under --temp-dir must stay below 108 bytes
 _OBJECT_STORE = 400 * 1024**2
 _RAY_STARTED = "Ray runtime started."
 
-# Run with a node's environment: wait until `want` nodes are alive, print the node table as JSON (also the
-# tests' own two-node cluster, tests/raycluster.py, asks it).
+# Run with a node's environment: wait until `want` nodes are alive, print the node table as JSON.
 NODE_PROBE = """
 import json, sys, time
 import ray._private.state
@@ -162,17 +168,13 @@ def _port_free(port: int) -> bool:
 
 
 def _free_ports(count: int) -> list[int]:
-    """`count` distinct ports free on every interface now (held open together: no duplicates)."""
-    sockets = []
-    try:
-        for _ in range(count):
-            sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-            sock.bind(("", 0))
-            sockets.append(sock)
-        return [sock.getsockname()[1] for sock in sockets]
-    finally:
-        for sock in sockets:
-            sock.close()
+    """`count` distinct ports of the listening range, free on every interface now."""
+    low, high = _LISTEN_PORT_RANGE
+    candidates = random.sample(range(low, high), k=high - low)
+    ports = [port for port in candidates[: count * 20] if _port_free(port)][:count]
+    if len(ports) < count:
+        raise PipelineError(f"stack up: fewer than {count} free ports in {low}-{high}")
+    return ports
 
 
 def _free_port_block(taken: set[int]) -> tuple[int, int]:
@@ -399,19 +401,26 @@ class Stack:
         temp.replace(self.state_file)
 
     def _secrets(self) -> dict[str, str]:
-        """S3 keys, Ray token, database password: made once, kept in secrets.json (mode 600)."""
+        """S3 keys, Ray token, database password, MLflow's admin password and session key: made once, kept in
+        secrets.json (mode 600); a state dir from before a secret existed gets it added."""
         path = self.state_dir / "secrets.json"
+        kept = {}
         with contextlib.suppress(OSError, ValueError):
-            return json.loads(path.read_text())
+            kept = json.loads(path.read_text())
         made = {
-            "access_key": "rp" + secrets.token_hex(9),
-            "secret_key": secrets.token_urlsafe(30),
-            "ray_token": secrets.token_hex(32),
-            "db_password": secrets.token_hex(16),
+            "access_key": lambda: "rp" + secrets.token_hex(9),
+            "secret_key": lambda: secrets.token_urlsafe(30),
+            "ray_token": lambda: secrets.token_hex(32),
+            "db_password": lambda: secrets.token_hex(16),
+            "mlflow_password": lambda: secrets.token_urlsafe(24),
+            "mlflow_session_key": lambda: secrets.token_hex(32),
         }
+        if set(made) <= set(kept):
+            return kept
+        kept |= {name: make() for name, make in made.items() if name not in kept}
         self.state_dir.mkdir(parents=True, exist_ok=True)
-        _write_private(path, json.dumps(made, indent=2))
-        return made
+        _write_private(path, json.dumps(kept, indent=2))
+        return kept
 
     # ------------------------------------------------------------ addresses
 
@@ -447,6 +456,8 @@ class Stack:
         keys, urls = self._secrets(), self.urls()
         return {
             "MLFLOW_TRACKING_URI": urls["mlflow"],
+            "MLFLOW_TRACKING_USERNAME": MLFLOW_ADMIN,
+            "MLFLOW_TRACKING_PASSWORD": keys["mlflow_password"],
             "RAY_ADDRESS": urls["ray_dashboard"],
             "RAY_GCS_ADDRESS": urls["ray_gcs"],
             "RAY_AUTH_MODE": "token",
@@ -794,9 +805,10 @@ class Stack:
         connection.autocommit = True  # CREATE DATABASE cannot run in a transaction (nor in `with connection`)
         try:
             with connection.cursor() as cursor:
-                cursor.execute("SELECT 1 FROM pg_database WHERE datname = 'mlflow'")
-                if cursor.fetchone() is None:
-                    cursor.execute("CREATE DATABASE mlflow")
+                for database in ("mlflow", "mlflow_auth"):  # runs and experiments; the server's users
+                    cursor.execute("SELECT 1 FROM pg_database WHERE datname = %s", (database,))
+                    if cursor.fetchone() is None:
+                        cursor.execute(f"CREATE DATABASE {database}")
         finally:
             connection.close()
         return True
@@ -806,9 +818,10 @@ class Stack:
     def _start_mlflow(self) -> None:
         keys, host, port = self._secrets(), self.host, self._port("mlflow")
         if self.backend == "postgres":
-            store = self._postgres_uri(dialect=f"postgresql+{_postgres_driver()}")
+            dialect = f"postgresql+{_postgres_driver()}"
+            store, users = self._postgres_uri(dialect=dialect), self._postgres_uri("mlflow_auth", dialect)
         else:
-            store = f"sqlite:///{self.state_dir / 'mlflow.db'}"
+            store, users = (f"sqlite:///{self.state_dir / name}" for name in ("mlflow.db", "mlflow-auth.db"))
         command = [
             _binary("mlflow", "uv sync"),
             "server",
@@ -818,8 +831,24 @@ class Stack:
             f"--port={port}",
             "--workers=2",
             f"--allowed-hosts=localhost:*,127.0.0.1:*,{host}:*",
+            "--app-name=basic-auth",
         ]
+        # MLflow's basic-auth app: every request but /health needs a user; the admin is made on the first start
+        # with the generated password (then kept in its user store: mlflow-auth.db, or the mlflow_auth database
+        # on PostgreSQL); nobody else has any right.
+        auth = self.state_dir / "mlflow-auth.ini"
+        _write_private(
+            auth,
+            "[mlflow]\n"
+            "default_permission = NO_PERMISSIONS\n"
+            f"database_uri = {users}\n"
+            f"admin_username = {MLFLOW_ADMIN}\n"
+            f"admin_password = {keys['mlflow_password']}\n"
+            "authorization_function = mlflow.server.auth:authenticate_request_basic_auth\n",
+        )
         env = self._base_env() | {
+            "MLFLOW_AUTH_CONFIG_PATH": str(auth),
+            "MLFLOW_FLASK_SERVER_SECRET_KEY": keys["mlflow_session_key"],
             "AWS_ACCESS_KEY_ID": keys["access_key"],
             "AWS_SECRET_ACCESS_KEY": keys["secret_key"],
             "AWS_DEFAULT_REGION": REGION,
@@ -885,17 +914,26 @@ class Stack:
     def _start_ray_node(self, name: str) -> None:
         """Start one node and wait for `ray start`'s "Ray runtime started." (one after the other: nodes starting
         together on 2 busy cores miss Ray's own start-up timeouts)."""
-        command, env = self._ray_command(name)
         log = self.state_dir / f"{name}.log"
-        offset = log.stat().st_size if log.exists() else 0
-        self._spawn(name, command, env, log)
+        for attempt in (1, 2):
+            command, env = self._ray_command(name)
+            offset = log.stat().st_size if log.exists() else 0
+            self._spawn(name, command, env, log)
 
-        def started() -> bool:
-            with open(log, "rb") as file:
-                file.seek(offset)
-                return _RAY_STARTED.encode() in file.read()
+            def started(offset=offset) -> bool:
+                with open(log, "rb") as file:
+                    file.seek(offset)
+                    return _RAY_STARTED.encode() in file.read()
 
-        self._wait(name, f"Ray node {name} did not start", started)
+            try:
+                self._wait(name, f"Ray node {name} did not start", started)
+                return
+            except PipelineError as error:
+                if attempt == 2:
+                    raise PipelineError(f"{error}: {_tail(log, 3)}") from None
+                # Once more on fresh ports: one the node was given may have been taken meanwhile.
+                print(f"stack up: {name} did not start ({_tail(log, 1)}); starting it again", flush=True)
+                self._stop_sessions([name])
 
     def nodes(self, want: int = 0, timeout: float = 0.0) -> dict:
         """{"nodes": [{"node_id", "alive", "is_head", "ip"}...], "problem": None or why not readable}, read from
@@ -999,7 +1037,10 @@ def _print_up(stack: Stack) -> None:
     else:
         print(f"  network   loopback{' (' + status['network_note'] + ')' if status['network_note'] else ''}")
     print(f"  s3        {urls['s3']}  buckets {', '.join(BUCKETS)}")
-    print(f"  mlflow    {urls['mlflow']}  ({status['backend']}, artifacts {MLFLOW_ARTIFACTS})")
+    print(
+        f"  mlflow    {urls['mlflow']}  ({status['backend']}, artifacts {MLFLOW_ARTIFACTS}; "
+        f"basic auth, user {MLFLOW_ADMIN}, password in the env file)"
+    )
     print(
         f"  ray       {urls['ray_dashboard']} (jobs, dashboard), {urls['ray_gcs']} (drivers); "
         f"head + {stack.workers} workers x {stack.cpus_per_node} CPU"

@@ -1,4 +1,4 @@
-"""What the test servers (tests/s3server.py, tests/raycluster.py) share: finding their binaries and free ports."""
+"""What the test servers (tests/s3server.py, the MLflow server) share: finding their binaries and free ports."""
 
 from __future__ import annotations
 

@@ -29,6 +29,8 @@ TINY = {
     "finetune": {"dataset": "fractals", "epochs": 1},
     "tune": {"num_samples": 1, "search_space": {"strategy": {"distribution": "choice", "values": ["full"]}}},
     "register": {"model_name": "resnet-submitted"},
+    # One DDP rank on each worker node (the head has no CPUs): gloo all-reduce across the namespaces' bridge.
+    "ray": {"placement_strategy": "STRICT_SPREAD"},
 }
 
 
@@ -114,6 +116,27 @@ def test_the_job_ran_every_stage_on_the_cluster_and_succeeded(submitted):
     assert "pretrain: connected to the Ray cluster" in out
 
 
+def test_pretrain_put_one_ddp_rank_on_each_worker_node_and_kept_the_replicas_identical(submitted):
+    import torch
+
+    stack = submitted["stack"]
+    blob = torch.load(
+        submitted["checkout"] / "models/pretrain/model.pt", map_location="cpu", weights_only=True
+    )
+    replicas = blob["meta"]["replicas"]
+    assert sorted(replica["rank"] for replica in replicas) == [0, 1]
+    workers = {
+        node["node_id"]: node["ip"]
+        for node in stack.nodes()["nodes"]
+        if node["alive"] and not node["is_head"]
+    }
+    assert len(workers) == 2 and {replica["node_id"] for replica in replicas} == set(workers)
+    if stack.network_mode == "netns":  # the ranks talked across the bridge, one namespace each
+        assert sorted(workers.values()) == [stack.net.worker_ip(1), stack.net.worker_ip(2)]
+    # the cross-node all-reduce kept the replicas bit-identical
+    assert len({replica["params_sha256"] for replica in replicas}) == 1
+
+
 def test_checkpoints_are_in_the_ray_bucket(submitted):
     keys = _keys(_s3(submitted["env"]), "ray", "runs/")
     pretrain = {key.split("/")[1] for key in keys if key.split("/")[1].startswith("pretrain-")}
@@ -121,9 +144,11 @@ def test_checkpoints_are_in_the_ray_bucket(submitted):
     assert any("/checkpoint_" in key and key.endswith("model.pt") for key in keys)
 
 
-def test_the_model_is_registered_as_champion_on_the_mlflow_server(submitted):
+def test_the_model_is_registered_as_champion_on_the_mlflow_server(submitted, monkeypatch):
     from mlflow.tracking import MlflowClient
 
+    for name in ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD"):  # the server's basic auth
+        monkeypatch.setenv(name, submitted["env"][name])
     record = json.loads((submitted["checkout"] / "registry/registered.json").read_text())
     assert record["name"] == "resnet-submitted" and record["alias"] == "champion"
     client = MlflowClient(submitted["env"]["MLFLOW_TRACKING_URI"])
@@ -189,7 +214,7 @@ def test_no_secret_reaches_the_job_record(submitted):
     jobs = {job["submission_id"] or job["job_id"]: job for job in json.loads(record)}
     submitted_job = jobs[submitted["job_id"]]
     assert submitted_job["runtime_env"]["env_vars"] == {"PYTHONUNBUFFERED": "1", "RESNET_PROGRESS": "0"}
-    for name in ("AWS_SECRET_ACCESS_KEY", "AWS_ACCESS_KEY_ID", "RAY_AUTH_TOKEN"):
+    for name in ("AWS_SECRET_ACCESS_KEY", "AWS_ACCESS_KEY_ID", "RAY_AUTH_TOKEN", "MLFLOW_TRACKING_PASSWORD"):
         assert env[name] not in record, name
         assert env[name] not in submitted["output"]
 
