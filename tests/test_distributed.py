@@ -137,40 +137,53 @@ def _pretrain_command(work: Path, data: Path) -> list[str]:
     return stage_command("pretrain", work, data, out="models", metrics="metrics.json")
 
 
-def test_a_stopped_pretrain_stage_resumes_its_run_when_started_again(
-    ray_address, prepared, tmp_path, repo_root
+def test_a_stopped_pretrain_stage_resumes_its_run_from_s3_when_started_again(
+    ray_address, prepared, tmp_path, repo_root, s3_env
 ):
+    """`ray.storage_path: s3://…`: the stage's Ray run keeps its checkpoints in the S3 server (every rank writes
+    its part with its node's keys; nothing on local disk); stopped with SIGINT after two epochs, the stage started
+    again resumes the same run from its last checkpoint there, and the best model is read back from the bucket."""
     from mlflow.tracking import MlflowClient
 
-    _write_params(tmp_path / "params.yaml", str(tmp_path / "ray"), EPOCHS)
+    from resnet.data import s3
+
+    storage = f"s3://ray/resume-{tmp_path.name}"
+    _write_params(tmp_path / "params.yaml", storage, EPOCHS)
+    # The stage's environment carries the s3_env fixture's AWS_* variables.
     command, env = _pretrain_command(tmp_path, prepared), stage_env(ray_address, tmp_path)
     stage = subprocess.Popen(
         command, cwd=repo_root, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
     )
+
+    def run_keys() -> list[str]:
+        return [key for key, _ in s3.list_objects(storage)]
+
     try:
-        ray_dir = tmp_path / "ray"
 
         def registered_twice() -> bool:
             # Two epochs uploaded, and Ray's run snapshot (what a restart reads) written.
-            runs = list(ray_dir.glob("pretrain-*"))
-            return bool(runs) and (runs[0] / SNAPSHOT).is_file() and len(_checkpoints(runs[0])) >= 2
+            keys = run_keys()
+            states = [key for key in keys if key.endswith("/state.pt")]
+            return any(key.endswith(f"/{SNAPSHOT}") for key in keys) and len(states) >= 2
 
-        wait_for(registered_twice, 240, "2 epochs")
+        wait_for(registered_twice, 240, "2 epochs in S3")
         stage.send_signal(signal.SIGINT)  # what Ctrl-C (or a stopped `dvc repro`) sends
         first_output, _ = stage.communicate(timeout=120)
     finally:
         stage.kill()
     assert stage.returncode != 0, first_output[-3000:]
     assert not (tmp_path / "models" / "model.pt").exists()  # a stopped stage leaves no output
-    (run_dir,) = ray_dir.glob("pretrain-*")
-    snapshot = json.loads((run_dir / SNAPSHOT).read_text())
+    (snapshot_key,) = [key for key in run_keys() if key.endswith(f"/{SNAPSHOT}")]
+    run_name = snapshot_key.split("/")[-2]
+    bucket, _ = s3.split_s3_uri(storage)
+    snapshot = json.loads(s3.read_object(f"s3://{bucket}/{snapshot_key}"))
     last_saved = snapshot["latest_checkpoint_result"]["metrics"]["epoch"]
     assert 1 <= last_saved < EPOCHS
 
     # Resumed with more restarts allowed (what a user raises after a failure): an execution setting, not part of
     # the run's identity, so the same run continues and the change is recorded.
     output = run_stage_ok([*command, "-S", "ray.max_failures=1"], env)
-    assert f"pretrain: resuming run {run_dir.name}:" in output  # the same name: config, data, code
+    assert f"pretrain: resuming run {run_name}:" in output  # the same name: config, data, code
     assert "pretrain: resuming with changed execution settings: ray.max_failures 0 → 1" in output
     assert f"pretrain: resumed after epoch {last_saved} from its last checkpoint" in output, (
         first_output[-6000:] + "\n=====\n" + output[-6000:]
@@ -179,6 +192,11 @@ def test_a_stopped_pretrain_stage_resumes_its_run_when_started_again(
     assert metrics["epochs"] == EPOCHS
     meta = torch.load(tmp_path / "models" / "model.pt", weights_only=True)["meta"]
     assert meta["metrics"]["start_epoch"] == last_saved  # from the last registered epoch, not from scratch
+    keys = run_keys()
+    assert any(key.endswith("/rng-rank1.pt") for key in keys)  # every rank wrote its part
+    # ray.checkpoints_to_keep (2) prunes within an attempt; the resumed attempt keeps its own two as well.
+    assert 2 <= len([key for key in keys if key.endswith("/state.pt")]) <= 4
+    assert not list(tmp_path.glob("**/checkpoint_*"))  # nothing on local disk
 
     # One MLflow run holds the whole curve: reopened, every epoch logged, finished.
     client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
@@ -186,7 +204,7 @@ def test_a_stopped_pretrain_stage_resumes_its_run_when_started_again(
     runs = client.search_runs([experiment.experiment_id])
     assert len(runs) == 1
     run = runs[0]
-    assert run.info.status == "FINISHED" and run.data.tags["ray.run_name"] == run_dir.name
+    assert run.info.status == "FINISHED" and run.data.tags["ray.run_name"] == run_name
     assert run.data.tags["ray.max_failures"] == "1" and run.data.params["ray.num_workers"] == "2"
     assert run.data.tags["resume.changed_settings"] == "ray.max_failures 0 → 1"
     curve = sorted(
@@ -195,20 +213,3 @@ def test_a_stopped_pretrain_stage_resumes_its_run_when_started_again(
     assert [m.step for m in curve] == list(range(1, EPOCHS + 1))
     resumed = client.get_metric_history(run.info.run_id, "resumed_from_epoch")
     assert [m.value for m in resumed] == [meta["metrics"]["start_epoch"]]
-
-
-def test_checkpoints_land_in_s3_when_the_storage_path_is_s3(ray_address, prepared, tmp_path, s3_env):
-    """The stage's Ray run writes its checkpoints to the S3 server (the workers get the endpoint and keys
-    from the driver through runtime_env), and the stage reads the best one back from there."""
-    from resnet.data import s3
-
-    _write_params(tmp_path / "params.yaml", "s3://ray/runs", 2)
-    env = stage_env(ray_address, tmp_path)  # carries the s3_env fixture's AWS_* variables
-    run_stage_ok(_pretrain_command(tmp_path, prepared), env)
-    keys = [key for key, _ in s3.list_objects("s3://ray/runs")]
-    states = [key for key in keys if key.endswith("/state.pt")]
-    assert len(states) == 2  # two epochs, ray.checkpoints_to_keep (2) kept
-    assert any(key.endswith("/rng-rank1.pt") for key in keys)  # every rank wrote its part
-    assert not list((tmp_path).glob("**/checkpoint_*"))  # nothing on local disk
-    meta = torch.load(tmp_path / "models" / "model.pt", weights_only=True)["meta"]
-    assert meta["metrics"]["epoch"] in (1, 2)

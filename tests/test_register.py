@@ -208,7 +208,8 @@ def test_a_significantly_better_model_takes_the_champion_alias(pipeline_project,
 
 
 def test_a_worse_model_after_dvc_exp_run_stays_challenger(pipeline_project):
-    """`dvc exp run -S pretrain.epochs=1 -S pretrain.warmup_epochs=0`: the whole chain re-runs on weaker pretraining; the new version is
+    """`dvc exp run -S finetune.epochs=1 -S tune.num_samples=1`: a shorter fine-tuning of the same pretrained
+    backbone. DVC re-runs tune, evaluate and register only (pretrain's inputs did not change); the new version is
     registered as the challenger with the reason, and `champion` stays where it was. Runs last: it changes the
     project's workspace."""
     work = pipeline_project["dir"]
@@ -218,11 +219,11 @@ def test_a_worse_model_after_dvc_exp_run_stays_challenger(pipeline_project):
     (work / ".gitignore").write_text("mlruns.db\nmlartifacts/\nruns/\n__pycache__/\n")
     subprocess.run([*git, "add", "-A"], cwd=work, check=True, capture_output=True)
     subprocess.run([*git, "commit", "-qm", "baseline"], cwd=work, check=True, capture_output=True)
-    # warmup_epochs must stay below epochs (the default 1 is refused with 1 epoch, in one line)
-    # (one trial instead of two: the same chain, a minute less of the suite)
-    weaker = ["-S", "pretrain.epochs=1", "-S", "pretrain.warmup_epochs=0", "-S", "tune.num_samples=1"]
+    weaker = ["-S", "finetune.epochs=1", "-S", "tune.num_samples=1"]
     done = _run(pipeline_project, "-m", "dvc", "exp", "run", *weaker)
-    assert "Running stage 'pretrain'" in done.stdout and "Running stage 'register'" in done.stdout
+    assert "Running stage 'pretrain'" not in done.stdout and "Stage 'pretrain' didn't change" in done.stdout
+    for stage in ("tune", "evaluate", "register"):
+        assert f"Running stage '{stage}'" in done.stdout
     record = json.loads((work / "registry/registered.json").read_text())
     assert record["registered"] and record["alias"] == "challenger" and not record["decision"]["promoted"]
     assert client.get_model_version_by_alias(NAME, "champion").version == champion

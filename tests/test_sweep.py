@@ -280,7 +280,7 @@ def test_an_optuna_asha_sweep_table_agrees_with_its_mlflow_child_runs(ray_addres
     params = _params(
         tmp_path,
         target["weights"],
-        num_samples=4,
+        num_samples=3,
         search="optuna",
         seed=3,
         asha={"grace_period": 1, "reduction_factor": 2, "max_epochs": 4},
@@ -295,10 +295,10 @@ def test_an_optuna_asha_sweep_table_agrees_with_its_mlflow_child_runs(ray_addres
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
     run_stage_ok(_command(tmp_path, target["data"]), stage_env(ray_address, tmp_path))
     table = _table(tmp_path)
-    assert len(table) == 4
+    assert len(table) == 3
     client, parents, children = _sweep_runs(tmp_path)
     assert len(parents) == 1 and parents[0].data.params["tune.search"] == "optuna"
-    assert len(children) == 4
+    assert len(children) == 3
     by_id = {child.info.run_id: child for child in children}
     for row in table:
         # Optuna's draws are inside the space, and the row and its child run say the same things.
@@ -338,10 +338,16 @@ def test_an_optuna_asha_sweep_table_agrees_with_its_mlflow_child_runs(ray_addres
 
 
 @pytest.mark.integration
-def test_asha_stops_trials_that_fall_behind(ray_address, target, tmp_path):
+def test_asha_stops_trials_that_fall_behind_with_state_and_checkpoints_in_s3(
+    ray_address, target, tmp_path, s3_env
+):
     """Trials one at a time, the first learning (lr 0.05) and the next two not at all (lr 1e-7; tune.seed 1
     draws them in that order): at the rung after epoch 1 each later trial is below the cutoff of those before
-    it, so ASHA stops both there, and the table, MLflow, the summary and the output say so."""
+    it, so ASHA stops both there, and the table, MLflow, the summary and the output say so.
+    With `ray.storage_path: s3://…` on the S3 server: the Tune experiment and every trial's checkpoints are in the
+    bucket, nothing is on local disk, and the best model is read back from there."""
+    from resnet.data import s3
+
     params = _params(
         tmp_path,
         target["weights"],
@@ -351,8 +357,10 @@ def test_asha_stops_trials_that_fall_behind(ray_address, target, tmp_path):
         asha={"grace_period": 1, "reduction_factor": 2},
     )
     params["finetune"]["epochs"] = 2
+    params["ray"]["storage_path"] = "s3://ray/asha"
     params["tune"]["search_space"] = {"lr": {"distribution": "choice", "values": [0.05, 1e-7]}}
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    # The stage's environment carries the s3_env fixture's AWS_* variables.
     output = run_stage_ok(_command(tmp_path, target["data"]), stage_env(ray_address, tmp_path))
     table = _table(tmp_path)
     assert [(row["lr"], row["epochs_reported"], row["stopped_early"]) for row in table] == [
@@ -371,27 +379,14 @@ def test_asha_stops_trials_that_fall_behind(ray_address, target, tmp_path):
         assert f"tune: trial {row['trial_id']} stopped by ASHA after epoch 1" in output
     assert "tune: 3/3 trials done; best: 1. " + table[0]["trial_id"] in output
 
-
-@pytest.mark.integration
-def test_a_sweep_keeps_its_state_and_checkpoints_in_s3(ray_address, target, tmp_path, s3_env):
-    """`ray.storage_path: s3://…` on the S3 server: the Tune experiment and every trial's checkpoints are in the
-    bucket, nothing is on local disk, and the best model is read back from there."""
-    from resnet.data import s3
-
-    params = _params(tmp_path, target["weights"], num_samples=2)
-    params["finetune"]["epochs"] = 2
-    params["ray"]["storage_path"] = "s3://ray/sweeps"
-    params["tune"]["search_space"] = {"lr": {"distribution": "choice", "values": [0.05, 0.02]}}
-    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
-    # The stage's environment carries the s3_env fixture's AWS_* variables.
-    run_stage_ok(_command(tmp_path, target["data"]), stage_env(ray_address, tmp_path))
-    keys = [key for key, _ in s3.list_objects("s3://ray/sweeps")]
+    keys = [key for key, _ in s3.list_objects("s3://ray/asha")]
     assert any(key.rsplit("/", 1)[-1].startswith("experiment_state") for key in keys)  # what a resume reads
     states = [key for key in keys if "-trainers/" in key and key.endswith("/state.pt")]
-    assert len({key.split("-trainers/")[1].split("/")[0] for key in states}) == 2  # both trials' runs
+    assert len({key.split("-trainers/")[1].split("/")[0] for key in states}) == 3  # every trial's run
     assert not list(tmp_path.glob("**/checkpoint_*"))  # nothing on local disk
     best = json.loads((tmp_path / "models" / "best.json").read_text())
-    assert best["checkpoint"].startswith("ray/sweeps/")  # a path in the bucket (on the S3 filesystem)
+    assert best["checkpoint"].startswith("ray/asha/")  # a path in the bucket (on the S3 filesystem)
+    assert best["trial_id"] == table[0]["trial_id"]
     meta = torch.load(tmp_path / "models" / "model.pt", weights_only=True)["meta"]
     assert meta["metrics"]["val_acc"] == pytest.approx(best["metrics"]["val_acc"])
 
