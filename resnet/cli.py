@@ -3,15 +3,17 @@ and the commands that take the pipeline off the laptop (`stack`, `submit`).
 
 Each stage is a library function in `resnet/stages/<stage>.py`; `pipelines/<stage>.py` (what `dvc repro` runs)
 and this CLI (what the wheel installs) both call it through `stage_main`, which holds what they share: the
-common options and the error handling. A `PipelineError` (bad params, bad data) prints one line and exits 2;
-anything else is a bug and keeps its traceback.
+common options and the error handling. A `PipelineError` (bad params, bad data) prints one line and exits 2
+(with its traceback before it under `--debug` or RESNET_DEBUG=1); anything else is a bug and keeps its traceback.
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
+import traceback
 from collections.abc import Sequence
 from types import ModuleType
 from typing import Any
@@ -47,6 +49,12 @@ def stage_parser(stage: str, description: str | None) -> argparse.ArgumentParser
         metavar="KEY=VALUE",
         help="override a param for this run, e.g. -S pretrain.epochs=2 (repeatable; VALUE is YAML)",
     )
+    parser.add_argument(
+        "--debug",
+        action="store_true",
+        default=os.environ.get("RESNET_DEBUG", "") not in ("", "0"),
+        help="on an error, print its traceback too (also RESNET_DEBUG=1, e.g. for `dvc repro`)",
+    )
     return parser
 
 
@@ -62,10 +70,12 @@ def stage_main(stage: ModuleType, argv: Sequence[str] | None = None) -> int:
     parser = stage_parser(name, stage.__doc__)
     stage.add_arguments(parser)
     args = parser.parse_args(sys.argv[1:] if argv is None else argv)
-    options = {k: v for k, v in vars(args).items() if k not in ("params", "overrides")}
+    options = {k: v for k, v in vars(args).items() if k not in ("params", "overrides", "debug")}
     try:
         stage.run(load_config(args.params, dict(args.overrides)), **options)
     except PipelineError as err:
+        if args.debug:
+            traceback.print_exc()
         print(f"{PROG} {name}: error: {err}", file=sys.stderr)
         return 2
     return 0
