@@ -15,6 +15,8 @@ import os
 import re
 import subprocess
 import time
+import urllib.error
+import urllib.request
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +24,8 @@ from typing import Any
 
 import mlflow
 from mlflow.tracking import MlflowClient
+
+from resnet.errors import PipelineError
 
 # MLflow narrates its own housekeeping at INFO ("Creating initial MLflow database tables..."); a stage's output
 # says what the stage did. Warnings and errors still show.
@@ -190,16 +194,54 @@ def start_stage_run(
     `resume_tags` (e.g. the Ray run name), an unfinished run carrying them is continued instead, so that a
     resumed training run keeps one curve in one MLflow run."""
     tracking_uri = resolve_tracking_uri(mlflow_cfg.tracking_uri)
-    if resume_tags:
-        previous = find_unfinished_run(tracking_uri, mlflow_cfg.experiment, resume_tags)
-        if previous is not None:
-            return previous
-    return start_run(
-        tracking_uri,
-        mlflow_cfg.experiment,
-        stage,
-        tags={"pipeline.stage": stage, "data.content_hash": data_hash, **(resume_tags or {})},
-    )
+    check_reachable(tracking_uri)
+    try:
+        if resume_tags:
+            previous = find_unfinished_run(tracking_uri, mlflow_cfg.experiment, resume_tags)
+            if previous is not None:
+                return previous
+        return start_run(
+            tracking_uri,
+            mlflow_cfg.experiment,
+            stage,
+            tags={"pipeline.stage": stage, "data.content_hash": data_hash, **(resume_tags or {})},
+        )
+    except mlflow.exceptions.MlflowException as exc:
+        raise PipelineError(tracking_error(tracking_uri, exc)) from None
+
+
+def check_reachable(tracking_uri: str, timeout: float = 10.0) -> None:
+    """A tracking server that does not answer at all is one line within `timeout` s (MLflow's client would
+    retry for minutes first). Any HTTP answer counts: what it says is for the first real request."""
+    if not tracking_uri.startswith(("http://", "https://")):
+        return
+    try:
+        with urllib.request.urlopen(f"{tracking_uri.rstrip('/')}/health", timeout=timeout):
+            pass
+    except urllib.error.HTTPError:
+        pass
+    except (OSError, ValueError) as exc:
+        reason = getattr(exc, "reason", exc)
+        raise PipelineError(
+            f"MLflow at {redact(tracking_uri)}: no answer ({reason}): expected a tracking server there "
+            "(MLFLOW_TRACKING_URI or mlflow.tracking_uri)"
+        ) from None
+
+
+def tracking_error(tracking_uri: str, exc: mlflow.exceptions.MlflowException) -> str:
+    """One line for a tracking server that refused or failed the stage's first request."""
+    status = exc.get_http_status_code()
+    where = f"MLflow at {redact(tracking_uri)}"
+    if status == 401:
+        return (
+            f"{where} refused the credentials (401 Unauthorized): expected its user in "
+            "MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD"
+        )
+    if status == 403:
+        user = os.environ.get("MLFLOW_TRACKING_USERNAME", "(none)")
+        return f"{where} denied user {user} (403 Forbidden): expected a user with rights on the experiment"
+    first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    return f"{where}: {redact(first)[:300]}"
 
 
 @contextlib.contextmanager

@@ -217,6 +217,55 @@ def test_the_mlflow_server_refuses_requests_without_its_user(local_stack):
     assert user["MLFLOW_TRACKING_PASSWORD"] not in anonymous.stderr
 
 
+_STAGE_RUN = """
+from resnet.config import MlflowConfig
+from resnet.errors import PipelineError
+from resnet.tracking import start_stage_run
+try:
+    start_stage_run(MlflowConfig(experiment="stack-auth"), "evaluate", "0" * 64)
+    print("started")
+except PipelineError as exc:
+    print(exc)
+"""
+
+
+@pytest.mark.integration
+def test_a_stage_refused_by_the_mlflow_server_says_why_in_one_line(local_stack):
+    """A stage's first request with a wrong password (401), or as a user without rights on the experiment
+    (403, a user the admin made through MLflow's API): one line each, naming the server and what is expected."""
+    import base64
+    import urllib.request
+
+    user = _mlflow_user(local_stack)
+    uri = user["MLFLOW_TRACKING_URI"]
+    # The stack's user may (and the experiment exists from then on).
+    started = _python(_STAGE_RUN, _client_env(**user), timeout=120)
+    assert started.stdout.strip() == "started", started.stderr[-2000:]
+
+    wrong = _python(_STAGE_RUN, _client_env(**user | {"MLFLOW_TRACKING_PASSWORD": "wrong"}), timeout=120)
+    assert wrong.stdout.strip() == (
+        f"MLflow at {uri} refused the credentials (401 Unauthorized): expected its user in "
+        "MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD"
+    ), wrong.stderr[-2000:]
+
+    admin = base64.b64encode(
+        f"{user['MLFLOW_TRACKING_USERNAME']}:{user['MLFLOW_TRACKING_PASSWORD']}".encode()
+    )
+    viewer = {"username": "viewer", "password": "viewer-" + "x" * 16}
+    request = urllib.request.Request(
+        f"{uri}/api/2.0/mlflow/users/create",
+        data=json.dumps(viewer).encode(),
+        headers={"Authorization": f"Basic {admin.decode()}", "Content-Type": "application/json"},
+    )
+    with urllib.request.urlopen(request, timeout=30) as answer:
+        assert answer.status == 200
+    as_viewer = {"MLFLOW_TRACKING_USERNAME": "viewer", "MLFLOW_TRACKING_PASSWORD": viewer["password"]}
+    denied = _python(_STAGE_RUN, _client_env(**user | as_viewer), timeout=120)
+    assert denied.stdout.strip() == (
+        f"MLflow at {uri} denied user viewer (403 Forbidden): expected a user with rights on the experiment"
+    ), denied.stderr[-2000:]
+
+
 _MLFLOW_CLIENT = """
 import mlflow
 mlflow.set_experiment("stack-test")
