@@ -4,11 +4,12 @@ SHELL := /bin/bash
 PYTHON ?= python3
 UV := $(shell command -v uv 2>/dev/null || echo "$(PYTHON) -m uv")
 
-.PHONY: help uv sync chromium repro test lint format mlflow-ui clean
+.PHONY: help uv sync chromium repro test test-fast lint format mlflow-ui clean
 
 help:
 	@echo "make repro      run the whole pipeline (dvc repro) on the embedded default"
 	@echo "make test       ruff + the test suite (unit and integration); installs Chromium for the UI tests"
+	@echo "make test-fast  ruff + the unit tests only (no services, about 2 minutes)"
 	@echo "make mlflow-ui  browse runs and the registry at http://127.0.0.1:5000"
 
 uv:
@@ -40,6 +41,9 @@ lint: sync
 
 test: lint chromium
 	$(UV) run --frozen pytest
+
+test-fast: lint
+	$(UV) run --frozen pytest -m "not integration"
 
 format: sync
 	$(UV) run --frozen ruff check --fix .

@@ -160,6 +160,20 @@ def search_algorithm(cfg: Config):
     return BasicVariantGenerator(max_concurrent=limit, random_state=cfg.tune.seed)
 
 
+# Ray Tune copies these from the driver's environment into every trial actor's runtime_env, which the dashboard
+# shows and each node's runtime env agent logs. The nodes hold their own credentials (as the stages' drivers
+# forward none: resnet.distributed.FORWARDED_ENV), so Tune is kept from copying them.
+CREDENTIAL_ENV = frozenset(
+    {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SECURITY_TOKEN", "AWS_SESSION_TOKEN"}
+)
+
+
+def keep_credentials_out_of_trials() -> None:
+    from ray.tune.execution import class_cache
+
+    class_cache.ENV_VARS_TO_PROPAGATE = frozenset(class_cache.ENV_VARS_TO_PROPAGATE) - CREDENTIAL_ENV
+
+
 def run_sweep(
     cfg: Config,
     base: TrainJob,
@@ -187,6 +201,7 @@ def run_sweep(
     )
     trainable = tune.with_resources(tune.with_parameters(run_trial, sweep=sweep), {"CPU": TRIAL_CPU})
     os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", STATE_SAVE_SECONDS)  # read when the Tuner starts
+    keep_credentials_out_of_trials()
     path = f"{storage.path}/{name}"
     if tune.Tuner.can_restore(path, storage_filesystem=storage.filesystem):
         print(f"tune: resuming sweep {name}: finished trials are kept, unfinished ones continue", flush=True)

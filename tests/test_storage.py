@@ -106,3 +106,24 @@ def test_the_driver_forwards_the_endpoint_to_its_workers_but_never_credentials(a
     for name, value in planted.items():
         aws_isolated.setenv(name, value)
     assert forwarded_env() == {"AWS_ENDPOINT_URL_S3": "http://127.0.0.1:8333", "AWS_REGION": "eu-west-1"}
+
+
+def test_tune_copies_no_credentials_into_its_trials(aws_isolated):
+    """Ray Tune copies the driver's AWS keys into every trial actor's runtime_env (found by
+    tests/test_submit.py's secret grep in a node's runtime_env_agent.log); the sweep stops it."""
+    from ray.tune.execution.class_cache import _ActorClassCache
+
+    from resnet.sweep import keep_credentials_out_of_trials
+
+    aws_isolated.setenv("AWS_ACCESS_KEY_ID", "AKIAPLANTED")
+    aws_isolated.setenv("AWS_SECRET_ACCESS_KEY", "planted-secret")
+
+    class Trial:
+        pass
+
+    def trial_env() -> dict:
+        return _ActorClassCache().get(Trial)._default_options["runtime_env"]["env_vars"]
+
+    assert trial_env()["AWS_SECRET_ACCESS_KEY"] == "planted-secret"  # what Ray Tune does by itself
+    keep_credentials_out_of_trials()
+    assert not {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"} & set(trial_env())

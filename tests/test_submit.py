@@ -34,6 +34,10 @@ TINY = {
 }
 
 
+# What the stack hands every node and client, and nothing the pipeline writes may hold.
+SECRETS = ("AWS_SECRET_ACCESS_KEY", "AWS_ACCESS_KEY_ID", "RAY_AUTH_TOKEN", "MLFLOW_TRACKING_PASSWORD")
+
+
 def _merge(base: dict, update: dict) -> dict:
     out = dict(base)
     for key, value in update.items():
@@ -214,9 +218,68 @@ def test_no_secret_reaches_the_job_record(submitted):
     jobs = {job["submission_id"] or job["job_id"]: job for job in json.loads(record)}
     submitted_job = jobs[submitted["job_id"]]
     assert submitted_job["runtime_env"]["env_vars"] == {"PYTHONUNBUFFERED": "1", "RESNET_PROGRESS": "0"}
-    for name in ("AWS_SECRET_ACCESS_KEY", "AWS_ACCESS_KEY_ID", "RAY_AUTH_TOKEN", "MLFLOW_TRACKING_PASSWORD"):
+    for name in SECRETS:
         assert env[name] not in record, name
         assert env[name] not in submitted["output"]
+
+
+def test_no_secret_is_in_mlflow_the_buckets_the_logs_or_the_checkout(submitted, monkeypatch):
+    """The stack's secrets (S3 keys, the Ray token, the MLflow password), present on every node while the whole
+    pipeline ran, are nowhere it wrote: no MLflow param or tag of any run, no object in any bucket (artifacts,
+    models, checkpoints, the DVC store, the hand-back), no log of the stack's services or Ray's nodes, no file
+    handed back to the checkout."""
+    from mlflow.tracking import MlflowClient
+
+    from resnet.stack import BUCKETS
+
+    env, stack = submitted["env"], submitted["stack"]
+    planted = {name: env[name].encode() for name in SECRETS}
+
+    def found_in(data: bytes) -> list[str]:
+        """The secrets in `data`, each with the line around it (the secret itself masked)."""
+        found = []
+        for name, secret in planted.items():
+            at = data.find(secret)
+            if at >= 0:
+                start, end = data.rfind(b"\n", 0, at) + 1, data.find(b"\n", at)
+                line = data[start : end if end >= 0 else len(data)][:400].replace(secret, b"***")
+                found.append(f"{name} in: {line.decode(errors='replace')}")
+        return found
+
+    for name in ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD"):
+        monkeypatch.setenv(name, env[name])
+    client = MlflowClient(env["MLFLOW_TRACKING_URI"])
+    runs = [
+        r
+        for e in client.search_experiments()
+        for r in client.search_runs([e.experiment_id], max_results=5000)
+    ]
+    assert len(runs) >= 5  # the four stage runs and a trial
+    for run in runs:
+        assert not found_in(json.dumps([run.data.params, run.data.tags]).encode()), run.info.run_name
+    for version in client.search_model_versions():
+        assert not found_in(json.dumps([version.tags, version.description]).encode())
+
+    s3, objects = _s3(env), 0
+    for bucket in BUCKETS:
+        for key in _keys(s3, bucket):
+            objects += 1
+            assert not found_in(s3.get_object(Bucket=bucket, Key=key)["Body"].read()), f"s3://{bucket}/{key}"
+    assert objects >= 20
+
+    logs = [
+        *stack.state_dir.glob("*.log"),
+        *(p for p in stack._ray_temp_root().rglob("*") if "logs" in p.parts),
+    ]
+    logs = [path for path in logs if path.is_file()]
+    assert len(logs) >= 10
+    for path in logs:
+        assert not (where := found_in(path.read_bytes())), (path, where)
+    checkout = submitted["checkout"]
+    for path in checkout.rglob("*"):
+        if path.is_file() and ".git" not in path.parts and ".venv" not in path.parts:
+            assert not (where := found_in(path.read_bytes())), (path, where)
+    assert not found_in(submitted["output"].encode())
 
 
 def test_a_job_that_fails_on_the_cluster_fails_the_command_in_one_line(submitted):
