@@ -19,6 +19,7 @@ import os
 import shutil
 import tempfile
 import threading
+import time
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -351,13 +352,22 @@ class EpochReporter(UserCallback):
 
     Logging here rather than in the worker is what makes each epoch appear exactly once in MLflow: a worker
     group that dies before its epoch is registered is restarted from the previous checkpoint and runs that
-    epoch again; had the worker logged it first, the curve would hold it twice."""
+    epoch again; had the worker logged it first, the curve would hold it twice.
+
+    An MLflow server that stops answering never stops training: each request fails at once (no minutes of
+    retries), the epoch's metrics are kept, in order and with their own timestamps, and sent with the next
+    epoch's once the server answers again. It is said once when it goes away and once when it is back; metrics
+    still kept after the last epoch (and MLflow's own retries) are said to be dropped, epoch by epoch."""
 
     def __init__(self, stage: str, epochs: int, run=None, lines=None):
         self.stage, self.epochs, self.run, self.lines = stage, epochs, run, lines
         self.last_epoch = 0  # guards against a report delivered twice
         self.start_epoch = 0  # where the running worker group started (> 0: from a checkpoint)
-        self.mlflow_failed = False
+        self.unsent: list[
+            tuple[int, int, dict[str, Any]]
+        ] = []  # (step, time in ms, metrics) not yet in MLflow
+        self.kept_steps: set[int] = set()  # steps kept while MLflow did not answer
+        self.mlflow_away = False
 
     def after_report(self, run_context, metrics: list[dict[str, Any]], checkpoint) -> None:
         reported = metrics[0]
@@ -371,23 +381,77 @@ class EpochReporter(UserCallback):
             self._log({"resumed_from_epoch": start}, step=start)
         self._send(progress_line(self.stage, self.epochs, reported))
         self._log({k: v for k, v in reported.items() if k not in NOT_LOGGED}, step=epoch)
+        if epoch >= self.epochs or reported.get("early_stopped"):
+            self._deliver_the_rest()
 
     def _log(self, metrics: dict[str, Any], step: int) -> None:
         if self.run is None:
             return
+        from resnet.tracking import fail_fast
+
+        self.unsent.append((step, int(time.time() * 1000), metrics))
+        with fail_fast():
+            self._flush()
+
+    def _flush(self) -> bool:
+        """Send what is kept, oldest first; False (and the rest kept) when MLflow does not take it."""
         try:
-            self.run.log_metrics(metrics, step=step)
-        except Exception as exc:  # training goes on without its curve; said once, not per epoch
-            log.warning("%s: MLflow logging failed at step %d: %s", self.stage, step, exc)
-            if not self.mlflow_failed:
-                self.mlflow_failed = True
-                reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-                self._send(f"{self.stage}: warning: MLflow logging failed ({reason}); training goes on")
+            while self.unsent:
+                step, timestamp_ms, metrics = self.unsent[0]
+                self.run.log_metrics(metrics, step=step, timestamp_ms=timestamp_ms)
+                self.unsent.pop(0)
+        except Exception as exc:  # noqa: BLE001 -- whatever MLflow raises, training goes on
+            self.kept_steps.update(step for step, _, _ in self.unsent)
+            log.warning("%s: MLflow did not take step %d: %s", self.stage, self.unsent[0][0], exc)
+            if not self.mlflow_away:
+                self.mlflow_away = True
+                self._send(
+                    f"{self.stage}: warning: MLflow at {self._where()} does not answer ({_short_reason(exc)}); "
+                    "training goes on and keeps its metrics until it answers"
+                )
+            return False
+        if self.mlflow_away:
+            self.mlflow_away = False
+            self._send(
+                f"{self.stage}: MLflow answers again: delivered the metrics kept for "
+                f"{_steps(self.kept_steps)}"
+            )
+            self.kept_steps.clear()
+        return True
+
+    def _deliver_the_rest(self) -> None:
+        """After the last epoch: what is still kept gets MLflow's own retries (minutes), then is dropped."""
+        if self.unsent and not self._flush():
+            dropped = {step for step, _, _ in self.unsent}
+            self.unsent.clear()
+            self._send(
+                f"{self.stage}: warning: MLflow still does not answer after the last epoch: dropped the "
+                f"metrics of {len(dropped)} {'epoch' if len(dropped) == 1 else 'epochs'} ({_steps(dropped)})"
+            )
+
+    def _where(self) -> str:
+        from resnet.tracking import redact
+
+        return redact(self.run.tracking_uri)
 
     def _send(self, line: str) -> None:
         log.info(line)  # the controller's own log file
         if self.lines is not None:
             self.lines.put(line)
+
+
+def _steps(steps: set[int]) -> str:
+    ordered = sorted(steps)
+    return f"epoch {ordered[0]}" if len(ordered) == 1 else "epochs " + ", ".join(map(str, ordered))
+
+
+def _short_reason(exc: Exception) -> str:
+    text = str(exc)
+    for phrase in ("Connection refused", "Read timed out", "timed out", "Name or service not known"):
+        if phrase in text:
+            return phrase.lower()
+    first = text.strip().splitlines()[0] if text.strip() else type(exc).__name__
+    return first[:160]
 
 
 class ProgressPrinter:

@@ -113,10 +113,13 @@ class RunHandle:
             batch = [mlflow.entities.Param(k, v) for k, v in items[start : start + 100]]
             self.client.log_batch(self.run_id, params=batch)
 
-    def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None:
-        now = int(time.time() * 1000)
+    def log_metrics(
+        self, metrics: Mapping[str, float], step: int | None = None, timestamp_ms: int | None = None
+    ) -> None:
+        now = timestamp_ms if timestamp_ms is not None else int(time.time() * 1000)
         batch = [mlflow.entities.Metric(k, float(v), now, step or 0) for k, v in metrics.items()]
-        self.client.log_batch(self.run_id, metrics=batch)
+        for start in range(0, len(batch), 1000):  # MLflow caps a batch at 1000 metrics
+            self.client.log_batch(self.run_id, metrics=batch[start : start + 1000])
 
     def set_tags(self, tags: Mapping[str, Any]) -> None:
         self.client.log_batch(self.run_id, tags=[mlflow.entities.RunTag(k, str(v)) for k, v in tags.items()])
@@ -245,13 +248,38 @@ def tracking_error(tracking_uri: str, exc: mlflow.exceptions.MlflowException) ->
 
 
 @contextlib.contextmanager
+def fail_fast(timeout_s: int = 10) -> Iterator[None]:
+    """MLflow requests in the block fail at once when the server does not answer, instead of MLflow's retries
+    with backoff (minutes): for callers that keep what they could not send and try again later."""
+    names = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": str(timeout_s)}
+    before = {name: os.environ.get(name) for name in names}
+    os.environ.update(names)
+    try:
+        yield
+    finally:
+        for name, value in before.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+
+
+@contextlib.contextmanager
 def system_metrics(run: RunHandle | None) -> Iterator[None]:
     """Sample this machine's CPU, memory, disk, network and GPUs into `run` (as `system/...` metrics) while the
     block runs: MLflow's monitor, started for a run addressed by id (it only starts itself for runs it made).
-    A monitor that cannot start is a warning, never a failed training run."""
+    A monitor that cannot start is a warning, never a failed training run. Its requests fail fast (`fail_fast`,
+    for this whole process: a Ray Train worker): a server that is away neither holds training at its start
+    (MLflow's retries, minutes) nor at its end; samples taken meanwhile are dropped, with MLflow's warning."""
     if run is None:
         yield
         return
+    with fail_fast(), _monitoring(run):
+        yield
+
+
+@contextlib.contextmanager
+def _monitoring(run: RunHandle) -> Iterator[None]:
     try:
         from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
 

@@ -110,15 +110,18 @@ class SeaweedS3:
             "-master.telemetry=false",
         ]
 
-    def start(self, timeout: float = 60.0) -> SeaweedS3:
+    def start(self, timeout: float = 60.0, *, same_ports: bool = False) -> SeaweedS3:
+        """Start the server on fresh free ports, or (`same_ports`) on those of its last start: the same server
+        back at the same address, its data kept."""
         if self.process is not None:
             raise RuntimeError("SeaweedFS is already running")
         self.state_dir.mkdir(parents=True, exist_ok=True)
         # `weed mini` saves its options in <dir>/mini.options and loads them on the next start: drop stale ports
         (self.state_dir / "data").mkdir(exist_ok=True)
         (self.state_dir / "data" / "mini.options").unlink(missing_ok=True)
-        names = [*_COMPONENTS, *(f"{name}.grpc" for name in _COMPONENTS)]
-        self.ports = dict(zip(names, free_ports(len(names)), strict=True))
+        if not (same_ports and self.ports):
+            names = [*_COMPONENTS, *(f"{name}.grpc" for name in _COMPONENTS)]
+            self.ports = dict(zip(names, free_ports(len(names)), strict=True))
         env = {**os.environ, "AWS_ACCESS_KEY_ID": self.access_key, "AWS_SECRET_ACCESS_KEY": self.secret_key}
         with open(self.log_path, "ab") as log:
             self.process = subprocess.Popen(

@@ -1,11 +1,15 @@
-"""Ray Train against a real (session) Ray cluster: a training worker killed mid-run is replaced and training
-continues from the last checkpoint; a stopped pretrain stage resumes its run when started again; checkpoints
+"""Ray Train against a real (session) Ray cluster: a training worker killed three times in one run, while the
+MLflow server is away, is replaced each time and training continues from the last checkpoint to the end an
+uninterrupted run reaches; a stopped pretrain stage resumes its run when started again; checkpoints
 land in S3 (SeaweedFS) when `ray.storage_path` is s3://."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import random
+import re
 import signal
 import subprocess
 import threading
@@ -15,6 +19,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from localservers import MlflowServer
 from stagerun import run_stage_ok, stage_command, stage_env, wait_for
 
 pytestmark = pytest.mark.integration
@@ -41,87 +46,154 @@ def _train_workers(ray_address: str) -> list:
     )
 
 
-def test_a_killed_worker_is_replaced_and_training_continues_from_the_last_checkpoint(
-    ray_address, prepared, tmp_path
-):
-    from mlflow.tracking import MlflowClient
+KILLS = 3
+KILLED_EPOCHS = 6
+# A run that lost workers three times ends where an uninterrupted run with the same seed ends, to this absolute
+# tolerance on its losses and accuracies: each restart continues from the checkpoint's weights, optimizer,
+# schedule and every rank's random generators, and reads the epochs' data in the same seeded order.
+SAME_AS_UNINTERRUPTED = 1e-4
 
+
+def _killable_trainer(name: str, prepared: Path, tmp_path: Path, run=None, progress=None):
     from resnet.config import AugmentConfig, PretrainConfig, RayConfig
     from resnet.distributed import TrainJob, make_trainer, storage_path
-    from resnet.tracking import start_run
 
     ray_cfg = RayConfig(
-        num_workers=2, max_failures=1, checkpoints_to_keep=EPOCHS, storage_path=str(tmp_path / "ray")
+        num_workers=2,
+        max_failures=KILLS,
+        checkpoints_to_keep=KILLED_EPOCHS,
+        storage_path=str(tmp_path / "ray"),
     )
-    optim = PretrainConfig(epochs=EPOCHS, batch_size=16, lr=0.05)
-    tracking_uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    run = start_run(tracking_uri, "resnet-pipeline", "killed", root=tmp_path)
     job = TrainJob(
         data_dir=str(prepared),
-        optim=optim.model_dump(),
+        optim=PretrainConfig(epochs=KILLED_EPOCHS, batch_size=16, lr=0.05).model_dump(),
         augment=AugmentConfig(crop_padding=0).model_dump(),
         mlflow_run=run,
     )
-    trainer = make_trainer(job, ray_cfg, name="killed", storage=storage_path(ray_cfg))
-    outcome: dict = {}
-    thread = threading.Thread(target=lambda: outcome.update(result=trainer.fit()), daemon=True)
-    thread.start()
+    return make_trainer(job, ray_cfg, name=name, storage=storage_path(ray_cfg), progress=progress)
 
-    run_dir = tmp_path / "ray" / "killed"
-    wait_for(lambda: _checkpoints(run_dir)[:1], 180, "the first epoch's checkpoint")
-    first_seen = time.monotonic()
-    wait_for(lambda: len(_checkpoints(run_dir)) >= 2, 60, "the second epoch's checkpoint")
-    # Half an epoch into the third epoch (an epoch lasts as long as the wait between the first two
-    # checkpoints, measured here rather than assumed).
-    time.sleep((time.monotonic() - first_seen) / 2)
-    workers = _train_workers(ray_address)
-    assert len(workers) == 2
-    victim = workers[1].pid
-    os.kill(victim, signal.SIGKILL)
 
-    thread.join(timeout=300)
-    assert not thread.is_alive(), "training did not finish after the worker was killed"
-    result = outcome["result"]
-    assert result.error is None
-    reports = sorted((metrics for _, metrics in result.best_checkpoints), key=lambda m: m["epoch"])
-    # Every epoch ran exactly once and the run ended at the configured number of epochs.
-    assert [m["epoch"] for m in reports] == list(range(1, EPOCHS + 1))
-    # The replacement worker group started after a saved epoch, not from scratch (after the second, or the
-    # first when the controller had not yet registered the second when the worker died)...
-    restarted = [m for m in reports if m["start_epoch"] > 0]
-    assert restarted, "no epoch ran in a restarted worker group"
-    resumed_at = restarted[0]["start_epoch"]
-    assert 1 <= resumed_at < EPOCHS
-    assert all(m["start_epoch"] == 0 for m in reports[:resumed_at])
-    assert all(m["start_epoch"] == resumed_at for m in reports[resumed_at:])
-    # ...and its loss curve continues from where it was: the epochs after the restart are below a fresh
-    # start's first epoch, and the run ends well below it.
-    assert all(m["train_loss"] < reports[0]["train_loss"] for m in reports[resumed_at:])
-    assert reports[-1]["train_loss"] < 0.8 * reports[0]["train_loss"]
-    assert victim not in {worker.pid for worker in _train_workers(ray_address)}
-    state = torch.load(Path(result.checkpoint.path) / "state.pt", weights_only=True)
-    assert state["epoch"] == EPOCHS and state["optimizer"]["state"]  # momentum buffers were saved too
-    for rank in (0, 1):
-        rng = torch.load(Path(result.checkpoint.path) / f"rng-rank{rank}.pt", weights_only=True)
-        assert set(rng) >= {"python", "numpy", "torch"}
+class _Lines:
+    """Collects the progress lines the Train controller sends (`ProgressPrinter`'s queue) while a run goes on."""
 
-    # MLflow holds each epoch exactly once (a list, not a set: a duplicate would show), with the values of
-    # the run that kept going, and the restart where it happened.
-    client = MlflowClient(tracking_uri)
-    curve = client.get_metric_history(run.run_id, "train_loss")
-    assert [m.step for m in sorted(curve, key=lambda m: (m.step, m.timestamp))] == list(range(1, EPOCHS + 1))
-    assert [m.value for m in sorted(curve, key=lambda m: m.step)] == pytest.approx(
-        [m["train_loss"] for m in reports]
-    )
-    resumed = client.get_metric_history(run.run_id, "resumed_from_epoch")
-    assert [(m.step, m.value) for m in resumed] == [(resumed_at, resumed_at)]
-    # Each epoch was logged only after its checkpoint was in storage: logging waits for Ray Train to register
-    # the epoch, so a worker that dies before that cannot have logged an epoch that will run again.
-    logged_at = {m.step: m.timestamp for m in curve}
-    for checkpoint in _checkpoints(run_dir):
-        epoch = torch.load(checkpoint / "model.pt", weights_only=True)["meta"]["metrics"]["epoch"]
-        stored_ms = (checkpoint / "state.pt").stat().st_mtime * 1000
-        assert logged_at[epoch] >= stored_ms - 1, (epoch, logged_at[epoch], stored_ms)
+    def __init__(self, progress):
+        self.queue, self.lines, self.stop = progress.queue, [], threading.Event()
+        self.thread = threading.Thread(target=self._pump, daemon=True)
+        self.thread.start()
+
+    def _pump(self) -> None:
+        from ray.util.queue import Empty
+
+        while not self.stop.is_set():
+            with contextlib.suppress(Empty):
+                self.lines.append(self.queue.get(timeout=0.2))
+
+    def registered(self) -> int:
+        """The last epoch Ray Train has registered (its progress line sent)."""
+        epochs = [int(m[1]) for line in self.lines if (m := re.match(r"pretrain epoch (\d+)/", line))]
+        return max(epochs, default=0)
+
+    def close(self) -> list[str]:
+        self.stop.set()
+        self.thread.join(timeout=5)
+        return self.lines
+
+
+def test_a_worker_killed_three_times_while_mlflow_is_away_loses_no_epoch_and_ends_as_an_uninterrupted_run(
+    ray_address, prepared, tmp_path
+):
+    """Three SIGKILLs of a DDP worker at random points of three epochs, and the MLflow server stopped for two
+    epochs meanwhile: the run ends at its configured epoch, its checkpoints have no gap, MLflow's curve has every
+    epoch once (the two kept while the server was away delivered when it came back, with their own times), the
+    outage is said once, and the final metrics equal an uninterrupted run's."""
+    from mlflow.tracking import MlflowClient
+
+    from resnet.distributed import ProgressPrinter
+    from resnet.tracking import start_run
+
+    randomly = random.Random(os.environ.get("RESNET_KILL_SEED", "14"))
+    server = MlflowServer(f"sqlite:///{tmp_path / 'mlflow.db'}", tmp_path).start()
+    try:
+        run = start_run(server.url, "resnet-pipeline", "killed", root=tmp_path)
+        progress = ProgressPrinter()
+        lines = _Lines(progress)
+        trainer = _killable_trainer("killed", prepared, tmp_path, run, progress)
+        outcome: dict = {}
+        thread = threading.Thread(target=lambda: outcome.update(result=trainer.fit()), daemon=True)
+        thread.start()
+
+        wait_for(lambda: lines.registered() >= 1, 180, "the first epoch")
+        server.stop()  # away for epochs 2 and 3
+        first_seen = time.monotonic()
+        wait_for(lambda: lines.registered() >= 2, 60, "the second epoch")
+        epoch_s = time.monotonic() - first_seen
+        victims = []
+        for kill in range(KILLS):  # inside epochs 3, 4 and 5, each in a worker group started by the last kill
+            wait_for(lambda k=kill: lines.registered() >= k + 2, 120, f"epoch {kill + 2}")
+            time.sleep(randomly.uniform(0.2, 0.7) * epoch_s)
+            workers = _train_workers(ray_address)
+            assert len(workers) == 2
+            victims.append(workers[randomly.randrange(2)].pid)
+            os.kill(victims[-1], signal.SIGKILL)
+            if kill == 1:
+                back_ms = time.time() * 1000
+                server.start()
+
+        thread.join(timeout=300)
+        assert not thread.is_alive(), "training did not finish after its workers were killed"
+        said = lines.close()
+        result = outcome["result"]
+        assert result.error is None
+        # The run ended at its configured epoch, and Ray Train registered a checkpoint for every epoch: no gap.
+        reports = sorted((metrics for _, metrics in result.best_checkpoints), key=lambda m: m["epoch"])
+        assert [m["epoch"] for m in reports] == list(range(1, KILLED_EPOCHS + 1))
+        # Each worker group started from the last saved epoch.
+        assert [m["start_epoch"] for m in reports] == [0, 0, 2, 3, 4, 4]
+        assert not {w.pid for w in _train_workers(ray_address)} & set(victims)
+        state = torch.load(Path(result.checkpoint.path) / "state.pt", weights_only=True)
+        assert state["epoch"] == KILLED_EPOCHS and state["optimizer"]["state"]  # momentum buffers too
+
+        # What the person running it saw: each restart, and the outage once, when it began and when it ended.
+        assert [line for line in said if "resumed after" in line] == [
+            f"pretrain: resumed after epoch {epoch} from its last checkpoint" for epoch in (2, 3, 4)
+        ]
+        away = [line for line in said if "does not answer" in line]
+        assert away == [
+            f"pretrain: warning: MLflow at {server.url} does not answer (connection refused); "
+            "training goes on and keeps its metrics until it answers"
+        ]
+        back = [line for line in said if "answers again" in line]
+        assert len(back) == 1 and back[0].startswith(
+            "pretrain: MLflow answers again: delivered the metrics kept for epochs 2, 3"
+        ), said
+        assert not [line for line in said if "dropped" in line]
+
+        # MLflow holds each epoch exactly once (a list, not a set: a duplicate would show), with the values of
+        # the group that finished it; those kept while it was away carry the time they were measured.
+        client = MlflowClient(server.url)
+        curve = sorted(
+            client.get_metric_history(run.run_id, "train_loss"), key=lambda m: (m.step, m.timestamp)
+        )
+        assert [m.step for m in curve] == list(range(1, KILLED_EPOCHS + 1))
+        assert [m.value for m in curve] == pytest.approx([m["train_loss"] for m in reports])
+        assert curve[1].timestamp < back_ms and curve[2].timestamp < back_ms
+        resumed = client.get_metric_history(run.run_id, "resumed_from_epoch")
+        assert sorted((m.step, m.value) for m in resumed) == [(2, 2), (3, 3), (4, 4)]
+        # Each epoch was logged only after its checkpoint was in storage: logging waits for Ray Train to register
+        # the epoch, so a worker that dies before that cannot have logged an epoch that will run again.
+        logged_at = {m.step: m.timestamp for m in curve}
+        for checkpoint, metrics in result.best_checkpoints:
+            stored_ms = (Path(checkpoint.path) / "state.pt").stat().st_mtime * 1000
+            assert logged_at[metrics["epoch"]] >= stored_ms - 1, (metrics["epoch"], stored_ms)
+    finally:
+        server.stop()
+
+    # The same seed without a kill ends at the same place.
+    straight = _killable_trainer("straight", prepared, tmp_path).fit()
+    assert straight.error is None
+    final = max((metrics for _, metrics in straight.best_checkpoints), key=lambda m: m["epoch"])
+    for key in ("train_loss", "train_acc", "val_loss", "val_acc"):
+        assert reports[-1][key] == pytest.approx(final[key], abs=SAME_AS_UNINTERRUPTED), key
 
 
 def _write_params(path: Path, storage: str, epochs: int) -> None:

@@ -1,6 +1,6 @@
-"""The tune stage against a real (session) Ray cluster and a real MLflow store: a sweep whose driver is killed
-resumes when the stage runs again (finished trials are not re-run, the unfinished one continues from its
-checkpoint); an Optuna + ASHA sweep's table agrees with its MLflow child runs."""
+"""The tune stage against a real (session) Ray cluster and a real MLflow store: a sweep whose driver is killed,
+twice, resumes each time the stage runs again (finished trials are not re-run, the unfinished one continues from
+its checkpoint); an Optuna + ASHA sweep's table agrees with its MLflow child runs."""
 
 from __future__ import annotations
 
@@ -204,11 +204,38 @@ def _table(work: Path) -> list[dict[str, str]]:
         return list(csv.DictReader(handle))
 
 
+def _kill_the_driver_when(command, env, trial: int, runs_glob: str, tmp_path: Path) -> tuple[list[Path], str]:
+    """Run the stage and SIGKILL its driver once trial `trial` (0-based) has registered 2 epochs and the ones
+    before it have finished; returns the trials' run directories then and the driver's output."""
+    driver = subprocess.Popen(
+        command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
+    try:
+
+        def mid_run() -> list[Path] | None:
+            runs = sorted(tmp_path.glob(runs_glob))
+            if len(runs) > trial and _registered_epoch(runs[trial]) >= 2:
+                assert all(_registered_epoch(run) == EPOCHS for run in runs[:trial])
+                return runs
+            return None
+
+        runs = wait_for(mid_run, 420, f"trial {trial + 1} to save 2 epochs")
+        # The sweep's state was saved since this trial started (every resnet.sweep.STATE_SAVE_SECONDS): its
+        # start-up alone takes longer.
+        driver.send_signal(signal.SIGKILL)  # the driver dies without any cleanup of its own
+        output, _ = driver.communicate(timeout=60)
+    finally:
+        driver.kill()
+    return runs, output
+
+
 @pytest.mark.integration
-def test_a_killed_sweep_resumes_finished_trials_kept_unfinished_continued(ray_address, target, tmp_path):
+def test_a_sweep_driver_killed_twice_resumes_finished_trials_kept_unfinished_continued(
+    ray_address, target, tmp_path
+):
     # One trial at a time and no early stopping (grace period = the full length), so that when the driver is
-    # killed one trial has finished, one is mid-run, and one has not started. 12 epochs of ~0.5 s: the kill lands
-    # well inside the second trial.
+    # killed, the trials before have finished, one is mid-run, and the rest have not started. 12 epochs of
+    # ~0.5 s: each kill lands well inside a trial. Killed in the second trial, then (resumed) in the third.
     params = _params(
         tmp_path, target["weights"], num_samples=3, max_concurrent_trials=1, asha={"grace_period": EPOCHS}
     )
@@ -216,52 +243,40 @@ def test_a_killed_sweep_resumes_finished_trials_kept_unfinished_continued(ray_ad
     params["tune"]["search_space"] = {"lr": {"distribution": "loguniform", "low": 0.02, "high": 0.1}}
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
     command, env = _command(tmp_path, target["data"]), stage_env(ray_address, tmp_path)
+    runs_glob = "ray/tune-*-trainers/*_0000[0-9]"
 
-    driver = subprocess.Popen(
-        command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
-    )
-    try:
-
-        def second_trial_mid_run() -> list[Path] | None:
-            runs = sorted(tmp_path.glob("ray/tune-*-trainers/*_0000[0-9]"))
-            if len(runs) >= 2 and _registered_epoch(runs[0]) == EPOCHS and _registered_epoch(runs[1]) >= 2:
-                return runs
-            return None
-
-        runs = wait_for(
-            second_trial_mid_run, 420, "the first trial to finish and the second to save 2 epochs"
-        )
-        # The sweep's state was saved since the second trial started (every resnet.sweep.STATE_SAVE_SECONDS):
-        # its start-up alone takes longer.
-        driver.send_signal(signal.SIGKILL)  # the driver dies without any cleanup of its own
-        first_output, _ = driver.communicate(timeout=60)
-    finally:
-        driver.kill()
-    finished, interrupted = runs[0], runs[1]
-    killed_at = _registered_epoch(interrupted)
-    assert 2 <= killed_at < EPOCHS, first_output[-3000:]
-    assert not (tmp_path / "models" / "model.pt").exists()
-    finished_files = _files(finished)
+    killed_at, kept = [], {}  # the interrupted trial's last registered epoch; finished trials' files
+    for trial in (1, 2):
+        runs, output = _kill_the_driver_when(command, env, trial, runs_glob, tmp_path)
+        killed_at.append(_registered_epoch(runs[trial]))
+        assert 2 <= killed_at[-1] < EPOCHS, output[-3000:]
+        assert not (tmp_path / "models" / "model.pt").exists()
+        for finished in runs[:trial]:
+            # A finished trial is not run again: its Ray Train run is what it was when it finished.
+            kept.setdefault(finished, _files(finished))
+            assert _files(finished) == kept[finished], f"{finished.name} changed after it finished"
+        assert ("resuming sweep" in output) == (trial == 2), output[-3000:]
 
     assert "resuming sweep" in run_stage_ok(command, env)
 
-    # The finished trial was not run again: its Ray Train run is byte-for-byte what it was.
-    assert _files(finished) == finished_files
-    # The interrupted trial continued from its last registered epoch to the end, in the same run.
-    checkpoints = sorted(interrupted.glob("checkpoint_*/model.pt"))
-    last = torch.load(checkpoints[-1], weights_only=True)["meta"]["metrics"]
-    assert last["epoch"] == EPOCHS and last["start_epoch"] == killed_at
-    trials = sorted(tmp_path.glob("ray/tune-*-trainers/*_0000[0-9]"))
-    assert len(trials) == 3 and _registered_epoch(trials[2]) == EPOCHS  # and the third ran
+    trials = sorted(tmp_path.glob(runs_glob))
+    assert len(trials) == 3
+    for finished, files in kept.items():
+        assert _files(finished) == files, f"{finished.name} changed after it finished"
+    # Each interrupted trial continued from its last registered epoch to the end, in the same run.
+    for trial, at in zip((1, 2), killed_at, strict=True):
+        checkpoints = sorted(trials[trial].glob("checkpoint_*/model.pt"))
+        last = torch.load(checkpoints[-1], weights_only=True)["meta"]["metrics"]
+        assert last["epoch"] == EPOCHS and last["start_epoch"] == at
 
     summary = json.loads((tmp_path / "tune.json").read_text())
     assert summary["resumed"] is True and summary["trials"] == 3 and summary["trial_epochs"] == 3 * EPOCHS
     table = _table(tmp_path)
-    assert sorted(row["trial_id"] for row in table) == sorted(path.name for path in trials)
+    assert sorted(row["trial_id"] for row in table) == [path.name for path in trials]
     assert all(row["epochs_reported"] == str(EPOCHS) and row["stopped_early"] == "False" for row in table)
 
-    # MLflow: the sweep's run was reopened (one parent), each trial has one child run (the interrupted one
-    # was reopened too) with one curve point per epoch, and the resume is recorded where it happened.
+    # MLflow: the sweep's run was reopened (one parent), each trial has one child run (the interrupted ones
+    # were reopened too) with one curve point per epoch, and each resume is recorded where it happened.
     client, parents, children = _sweep_runs(tmp_path)
     assert len(parents) == 1 and parents[0].info.status == "FINISHED"
     assert parents[0].data.tags["tune.resumed"] == "True"
@@ -269,10 +284,14 @@ def test_a_killed_sweep_resumes_finished_trials_kept_unfinished_continued(ray_ad
     by_trial = {child.data.tags["tune.trial_id"]: child for child in children}
     for row in table:
         history = client.get_metric_history(by_trial[row["trial_id"]].info.run_id, "train_loss")
-        assert sorted(m.step for m in history) == list(range(1, EPOCHS + 1))  # each once, the resumed one too
-    resumed = client.get_metric_history(by_trial[interrupted.name].info.run_id, "resumed_from_epoch")
-    assert [m.value for m in resumed] == [killed_at]
-    assert not client.get_metric_history(by_trial[finished.name].info.run_id, "resumed_from_epoch")
+        assert sorted(m.step for m in history) == list(range(1, EPOCHS + 1))  # each once, the resumed too
+    resumed = {
+        path.name: [
+            m.value for m in client.get_metric_history(by_trial[path.name].info.run_id, "resumed_from_epoch")
+        ]
+        for path in trials
+    }
+    assert resumed == {trials[0].name: [], trials[1].name: [killed_at[0]], trials[2].name: [killed_at[1]]}
 
 
 @pytest.mark.integration

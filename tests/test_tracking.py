@@ -1,9 +1,11 @@
 """A tracking server that cannot be reached fails the stage's first MLflow request in one line, at once or
 within the probe's timeout, instead of MLflow's minutes of retries (refusals by a real server, 401 and 403:
-tests/test_stack.py::test_the_mlflow_server_refuses_requests_without_its_user)."""
+tests/test_stack.py::test_the_mlflow_server_refuses_requests_without_its_user). A server that goes away during
+training: its epochs are kept and delivered when it answers again, or counted as dropped."""
 
 from __future__ import annotations
 
+import os
 import socket
 import time
 
@@ -44,3 +46,85 @@ def test_a_server_that_never_answers_times_out_in_one_line():
 def test_stores_without_a_server_are_not_probed(tmp_path):
     for uri in (f"sqlite:///{tmp_path / 'mlflow.db'}", str(tmp_path / "mlruns"), "databricks"):
         check_reachable(uri)  # nothing to connect to, nothing raised
+
+
+def test_fail_fast_turns_mlflows_minutes_of_retries_into_one_quick_failure():
+    import mlflow
+
+    from resnet.tracking import RunHandle, fail_fast
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        handle = RunHandle(f"http://127.0.0.1:{sock.getsockname()[1]}", "0" * 32)
+        started = time.monotonic()
+        with fail_fast(), pytest.raises(mlflow.exceptions.MlflowException, match="Connection refused"):
+            handle.log_metrics({"train_loss": 1.0}, step=1)
+    assert time.monotonic() - started < 3
+    assert "MLFLOW_HTTP_REQUEST_MAX_RETRIES" not in os.environ  # restored after the block
+
+
+class _ComingAndGoing:
+    """Stands for a RunHandle whose tracking server stops answering and comes back."""
+
+    tracking_uri = "http://mlflow.example:5000"
+
+    def __init__(self):
+        self.up, self.logged = True, []
+
+    def log_metrics(self, metrics, step, timestamp_ms):
+        if not self.up:
+            raise ConnectionError("HTTPConnectionPool(host='mlflow.example'): [Errno 111] Connection refused")
+        self.logged.append((step, timestamp_ms, dict(metrics)))
+
+
+class _Lines(list):
+    put = list.append
+
+
+def _epoch(epoch: int) -> list[dict]:
+    metrics = {"train_loss": 1 / epoch, "train_acc": 0.5, "val_loss": 1.0, "val_acc": 0.5, "lr": 0.1}
+    return [{"epoch": epoch, "start_epoch": 0, **metrics, "images_per_sec": 100.0, "epoch_seconds": 1.0}]
+
+
+def test_epochs_logged_while_mlflow_is_away_are_kept_and_delivered_in_order_when_it_answers():
+    from resnet.distributed import EpochReporter
+
+    run, lines = _ComingAndGoing(), _Lines()
+    reporter = EpochReporter("pretrain", 4, run, lines)
+    reporter.after_report(None, _epoch(1), None)
+    run.up = False
+    reporter.after_report(None, _epoch(2), None)
+    reporter.after_report(None, _epoch(3), None)
+    assert [step for step, _, _ in run.logged] == [1]
+    back_ms = time.time() * 1000
+    run.up = True
+    reporter.after_report(None, _epoch(4), None)
+
+    assert [step for step, _, _ in run.logged] == [1, 2, 3, 4]
+    assert [metrics["train_loss"] for _, _, metrics in run.logged] == [1, 1 / 2, 1 / 3, 1 / 4]
+    assert all(timestamp <= back_ms for step, timestamp, _ in run.logged if step in (2, 3))
+    assert [line for line in lines if "MLflow" in line] == [
+        "pretrain: warning: MLflow at http://mlflow.example:5000 does not answer (connection refused); "
+        "training goes on and keeps its metrics until it answers",
+        "pretrain: MLflow answers again: delivered the metrics kept for epochs 2, 3",
+    ]
+
+
+def test_epochs_mlflow_never_took_are_counted_as_dropped_after_the_last_epoch():
+    from resnet.distributed import EpochReporter
+
+    run, lines = _ComingAndGoing(), _Lines()
+    reporter = EpochReporter("finetune", 3, run, lines)
+    reporter.after_report(None, _epoch(1), None)
+    run.up = False
+    reporter.after_report(None, _epoch(2), None)
+    reporter.after_report(None, _epoch(3), None)
+
+    assert [step for step, _, _ in run.logged] == [1]
+    assert reporter.unsent == []
+    assert [line for line in lines if "MLflow" in line] == [
+        "finetune: warning: MLflow at http://mlflow.example:5000 does not answer (connection refused); "
+        "training goes on and keeps its metrics until it answers",
+        "finetune: warning: MLflow still does not answer after the last epoch: dropped the metrics of 2 epochs "
+        "(epochs 2, 3)",
+    ]

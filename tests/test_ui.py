@@ -19,18 +19,15 @@ import os
 import re
 import shutil
 import signal
-import socket
 import subprocess
-import sys
 import tempfile
-import time
-import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
 from decimal import Decimal
 from pathlib import Path
 
 import pytest
+from localservers import MlflowServer
 
 pytestmark = pytest.mark.integration
 
@@ -168,12 +165,6 @@ class UI:
         return Page(url, visible_text(dom), dom, png)
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def ui(chromium: str, pipeline_project: dict, tmp_path_factory, request) -> Iterator[UI]:
     """`mlflow server` on the pipeline's SQLite store, for this module; stopped with its whole process group."""
@@ -189,59 +180,15 @@ def ui(chromium: str, pipeline_project: dict, tmp_path_factory, request) -> Iter
 
     # The experiment's artifact location is an absolute file URI (<project>/mlartifacts), which the server reads
     # directly: no --artifacts-destination needed. The server runs elsewhere so that nothing lands in the project.
-    workdir = tmp_path_factory.mktemp("mlflow-server")
-    port = _free_port()
-    env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
-    # Job execution starts a job runner and six huey consumers: slow to start on 2 CPUs, and unused here.
-    env |= {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false", "MLFLOW_DISABLE_TELEMETRY": "true"}
-    command = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", store]
-    command += ["--host", "127.0.0.1", "--port", str(port), "--workers", "1"]
-    log_path = workdir / "server.log"
-    with open(log_path, "w") as log:
-        server = subprocess.Popen(
-            command, cwd=workdir, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
-        )
-    url = f"http://127.0.0.1:{port}"
+    server = MlflowServer(store, tmp_path_factory.mktemp("mlflow-server"))
     try:
-        deadline = time.monotonic() + 180
-        while True:
-            assert server.poll() is None, (
-                f"mlflow server exited ({server.returncode}): {log_path.read_text()[-3000:]}"
-            )
-            try:
-                with urllib.request.urlopen(f"{url}/health", timeout=5) as answer:
-                    if answer.status == 200:
-                        break
-            except OSError:
-                pass
-            assert time.monotonic() < deadline, (
-                f"mlflow server not up in 180 s: {log_path.read_text()[-3000:]}"
-            )
-            time.sleep(0.5)
-        client = MlflowClient(url)
+        server.start()
+        client = MlflowClient(server.url)
         experiment = client.get_experiment_by_name(EXPERIMENT)
         assert experiment is not None, f"no experiment {EXPERIMENT!r} in {store}"
-        yield UI(url, chromium, shots, client, experiment.experiment_id)
+        yield UI(server.url, chromium, shots, client, experiment.experiment_id)
     finally:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(server.pid, signal.SIGTERM)
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            server.wait(timeout=20)
-        deadline = time.monotonic() + 10
-        while True:  # the group (uvicorn's worker included) must be gone, not only its leader
-            try:
-                os.killpg(server.pid, 0)
-            except ProcessLookupError:
-                break
-            if time.monotonic() > deadline:
-                os.killpg(server.pid, signal.SIGKILL)
-                time.sleep(1)
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(server.pid, 0)
-                    pytest.fail("processes of the mlflow server outlived SIGTERM and SIGKILL")
-                break
-            time.sleep(0.2)
-        server.wait()
+        server.stop()
 
 
 def _squash(text: str) -> str:
