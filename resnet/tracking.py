@@ -198,19 +198,21 @@ def start_stage_run(
     resumed training run keeps one curve in one MLflow run."""
     tracking_uri = resolve_tracking_uri(mlflow_cfg.tracking_uri)
     check_reachable(tracking_uri)
-    try:
-        if resume_tags:
-            previous = find_unfinished_run(tracking_uri, mlflow_cfg.experiment, resume_tags)
-            if previous is not None:
-                return previous
-        return start_run(
-            tracking_uri,
-            mlflow_cfg.experiment,
-            stage,
-            tags={"pipeline.stage": stage, "data.content_hash": data_hash, **(resume_tags or {})},
-        )
-    except mlflow.exceptions.MlflowException as exc:
-        raise PipelineError(tracking_error(tracking_uri, exc)) from None
+    # A server that answers but fails (5xx) is one line within seconds, not after MLflow's minutes of retries.
+    with fail_fast(timeout_s=30, retries=2):
+        try:
+            if resume_tags:
+                previous = find_unfinished_run(tracking_uri, mlflow_cfg.experiment, resume_tags)
+                if previous is not None:
+                    return previous
+            return start_run(
+                tracking_uri,
+                mlflow_cfg.experiment,
+                stage,
+                tags={"pipeline.stage": stage, "data.content_hash": data_hash, **(resume_tags or {})},
+            )
+        except mlflow.exceptions.MlflowException as exc:
+            raise PipelineError(tracking_error(tracking_uri, exc)) from None
 
 
 def check_reachable(tracking_uri: str, timeout: float = 10.0) -> None:
@@ -243,15 +245,26 @@ def tracking_error(tracking_uri: str, exc: mlflow.exceptions.MlflowException) ->
     if status == 403:
         user = os.environ.get("MLFLOW_TRACKING_USERNAME", "(none)")
         return f"{where} denied user {user} (403 Forbidden): expected a user with rights on the experiment"
+    failed = re.search(r"too many (5\d\d) error responses|error code (5\d\d)", str(exc))
+    if failed:
+        return (
+            f"{where} failed the stage's requests ({failed[1] or failed[2]}, a server error, after retries): "
+            "expected a working tracking server (its own log says what failed)"
+        )
     first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
     return f"{where}: {redact(first)[:300]}"
 
 
 @contextlib.contextmanager
-def fail_fast(timeout_s: int = 10) -> Iterator[None]:
-    """MLflow requests in the block fail at once when the server does not answer, instead of MLflow's retries
-    with backoff (minutes): for callers that keep what they could not send and try again later."""
-    names = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": str(timeout_s)}
+def fail_fast(timeout_s: int = 10, retries: int = 0) -> Iterator[None]:
+    """MLflow requests in the block fail at once (or after `retries` quick retries, ~2 s for two) when the server
+    does not answer or answers 5xx, instead of MLflow's retries with backoff (minutes): for callers that keep
+    what they could not send and try again later, and for a stage's first requests."""
+    names = {
+        "MLFLOW_HTTP_REQUEST_MAX_RETRIES": str(retries),
+        "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+        "MLFLOW_HTTP_REQUEST_TIMEOUT": str(timeout_s),
+    }
     before = {name: os.environ.get(name) for name in names}
     os.environ.update(names)
     try:

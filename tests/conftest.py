@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -184,24 +182,11 @@ def pipeline_project(tmp_path_factory, repo_root: Path, ray_address: str) -> dic
     """A git + DVC copy of the project with tiny params, after one `dvc repro` against the session's Ray
     cluster and the embedded MLflow store (mlruns.db in the copy). Shared by the pipeline, registry and UI
     tests: {"dir", "first" (the CompletedProcess), "repro" (runs `dvc repro` again), "params", "env"}."""
-    work = tmp_path_factory.mktemp("project")
-    for name in ("resnet", "pipelines"):
-        shutil.copytree(repo_root / name, work / name, ignore=shutil.ignore_patterns("__pycache__"))
-    for name in ("dvc.yaml", ".dvcignore"):
-        if (repo_root / name).exists():
-            shutil.copy(repo_root / name, work / name)
-    (work / ".dvc").mkdir()
-    shutil.copy(repo_root / ".dvc" / "config", work / ".dvc" / "config")
-    params = _merge(yaml.safe_load((repo_root / "params.yaml").read_text()), TINY)
-    (work / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    subprocess.run(["git", "init", "-q"], cwd=work, check=True)
+    from stagerun import copy_project
 
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "RAY_ADDRESS"))}
-    env |= {
-        "RAY_ADDRESS": ray_address,
-        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}",  # dvc.yaml's `python`
-        "PYTHONUNBUFFERED": "1",
-    }
+    work = tmp_path_factory.mktemp("project")
+    params = _merge(yaml.safe_load((repo_root / "params.yaml").read_text()), TINY)
+    env = copy_project(repo_root, work, params, ray_address)
 
     def repro() -> subprocess.CompletedProcess:
         return subprocess.run(

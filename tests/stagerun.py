@@ -51,3 +51,28 @@ def wait_for(condition, timeout: float, what: str, interval: float = 0.1):
             return value
         time.sleep(interval)
     raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
+
+
+def copy_project(repo_root: Path, work: Path, params: dict, ray_address: str) -> dict[str, str]:
+    """A git + DVC copy of the project in `work` (its code, dvc.yaml, DVC's config) with `params` as its
+    params.yaml; returns the environment `dvc repro` runs in there: the session's Ray cluster and the embedded
+    MLflow store (mlruns.db in the copy)."""
+    import shutil
+
+    import yaml
+
+    for name in ("resnet", "pipelines"):
+        shutil.copytree(repo_root / name, work / name, ignore=shutil.ignore_patterns("__pycache__"))
+    for name in ("dvc.yaml", ".dvcignore"):
+        if (repo_root / name).exists():
+            shutil.copy(repo_root / name, work / name)
+    (work / ".dvc").mkdir()
+    shutil.copy(repo_root / ".dvc" / "config", work / ".dvc" / "config")
+    (work / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    subprocess.run(["git", "init", "-q"], cwd=work, check=True)
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "RAY_ADDRESS"))}
+    return env | {
+        "RAY_ADDRESS": ray_address,
+        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}",  # dvc.yaml's `python`
+        "PYTHONUNBUFFERED": "1",
+    }

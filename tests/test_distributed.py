@@ -6,6 +6,8 @@ land in S3 (SeaweedFS) when `ray.storage_path` is s3://."""
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import io
 import json
 import os
 import random
@@ -20,7 +22,7 @@ import pytest
 import torch
 import yaml
 from localservers import MlflowServer
-from stagerun import run_stage_ok, stage_command, stage_env, wait_for
+from stagerun import stage_command, stage_env, wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -205,12 +207,18 @@ def _write_params(path: Path, storage: str, epochs: int) -> None:
     path.write_text(yaml.safe_dump(params))
 
 
+def _etag(body: bytes) -> str:
+    """S3's ETag of `body` uploaded in one multipart part (as pyarrow uploads these small files): the MD5 of the
+    part's MD5, and the number of parts."""
+    return f"{hashlib.md5(hashlib.md5(body).digest()).hexdigest()}-1"
+
+
 def _pretrain_command(work: Path, data: Path) -> list[str]:
     return stage_command("pretrain", work, data, out="models", metrics="metrics.json")
 
 
 def test_a_stopped_pretrain_stage_resumes_its_run_from_s3_when_started_again(
-    ray_address, prepared, tmp_path, repo_root, s3_env
+    ray_address, prepared, tmp_path, repo_root, s3_server, s3_env
 ):
     """`ray.storage_path: s3://…`: the stage's Ray run keeps its checkpoints in the S3 server (every rank writes
     its part with its node's keys; nothing on local disk); stopped with SIGINT after two epochs, the stage started
@@ -253,8 +261,40 @@ def test_a_stopped_pretrain_stage_resumes_its_run_from_s3_when_started_again(
     assert 1 <= last_saved < EPOCHS
 
     # Resumed with more restarts allowed (what a user raises after a failure): an execution setting, not part of
-    # the run's identity, so the same run continues and the change is recorded.
-    output = run_stage_ok([*command, "-S", "ray.max_failures=1"], env)
+    # the run's identity, so the same run continues and the change is recorded. After its first epoch, the S3
+    # server restarts (its process stopped, started again on the same ports 2 s later): the uploads of the
+    # next checkpoints meet a server that is not there.
+    again = subprocess.Popen(
+        [*command, "-S", "ray.max_failures=1"],
+        cwd=repo_root,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    said: list[tuple[float, str]] = []  # (when, line)
+    reader = threading.Thread(
+        target=lambda: [said.append((time.monotonic(), line)) for line in again.stdout], daemon=True
+    )
+    reader.start()
+    try:
+        wait_for(
+            lambda: any("resumed after epoch" in line for _, line in said), 240, "the resumed first epoch"
+        )
+        s3_server.stop()
+        time.sleep(2)
+        s3_server.start(same_ports=True)
+        back = time.monotonic()
+        again.wait(timeout=600)
+    finally:
+        again.kill()
+    reader.join(timeout=10)
+    output = "".join(line for _, line in said)
+    assert again.returncode == 0, output[-6000:]
+    # The next epoch (under a second of training) was registered only after the server was back: its
+    # checkpoint's upload waited through the restart.
+    after = [when for when, line in said if re.match(rf"pretrain epoch {last_saved + 2}/", line)]
+    assert after and after[0] > back, output[-3000:]
     assert f"pretrain: resuming run {run_name}:" in output  # the same name: config, data, code
     assert "pretrain: resuming with changed execution settings: ray.max_failures 0 → 1" in output
     assert f"pretrain: resumed after epoch {last_saved} from its last checkpoint" in output, (
@@ -269,6 +309,18 @@ def test_a_stopped_pretrain_stage_resumes_its_run_from_s3_when_started_again(
     # ray.checkpoints_to_keep (2) prunes within an attempt; the resumed attempt keeps its own two as well.
     assert 2 <= len([key for key in keys if key.endswith("/state.pt")]) <= 4
     assert not list(tmp_path.glob("**/checkpoint_*"))  # nothing on local disk
+    # Nothing half-written: every object of the run is whole (its ETag, the MD5 the server computed of the parts
+    # it received, matches what it gives back), and every checkpoint Ray registered loads.
+    for key in keys:
+        answer = s3.s3_client().get_object(Bucket=bucket, Key=key)
+        assert answer["ETag"].strip('"') == _etag(answer["Body"].read()), key
+    snapshot = json.loads(s3.read_object(f"s3://{bucket}/{snapshot_key}"))
+    run_prefix = f"s3://{bucket}/{snapshot_key.rsplit('/', 1)[0]}"
+    registered = [entry["checkpoint_dir_name"] for entry in snapshot["checkpoint_results"]]
+    assert len(registered) == 2, snapshot  # ray.checkpoints_to_keep
+    for name in registered:
+        state = torch.load(io.BytesIO(s3.read_object(f"{run_prefix}/{name}/state.pt")), weights_only=True)
+        assert state["optimizer"]["state"], name
 
     # One MLflow run holds the whole curve: reopened, every epoch logged, finished.
     client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")

@@ -166,8 +166,11 @@ def test_second_repro_changes_nothing(project):
 
 
 def test_dvc_push_and_pull_through_s3_restore_identical_data(project, s3_server):
-    """The DVC remote on a real S3 server: push, wipe the cache and every cached output, pull, compare."""
+    """The DVC remote on a real S3 server: push while the server restarts, check every object it holds, wipe the
+    cache and every cached output, pull, compare."""
     import hashlib
+    import threading
+    import time
     import uuid
 
     work = project["dir"]
@@ -198,7 +201,33 @@ def test_dvc_push_and_pull_through_s3_restore_identical_data(project, s3_server)
     dvc("remote", "modify", "store", "endpointurl", s3_server.endpoint)  # keys come from the environment
     before = digests()
     assert any(name.endswith(".parquet") for name in before) and "models/tune/model.pt" in before
-    dvc("push")
+    # The S3 server restarts as the push begins (stopped, started again on the same ports 2 s later): the
+    # push's first requests meet no server, and are retried until it answers.
+    s3_server.stop()
+    comeback = threading.Thread(target=lambda: (time.sleep(2), s3_server.start(same_ports=True)))
+    comeback.start()
+    try:
+        dvc("push")
+    finally:
+        comeback.join()
+    assert s3_server.process is not None, "the S3 server did not come back"
+    # Every cached file is in the remote, whole: each object's content hashes to the MD5 in its key.
+    from resnet.data import s3
+
+    bucket, prefix = s3.split_s3_uri(remote)
+    with pytest.MonkeyPatch.context() as aws:
+        for name, value in s3_server.env().items():
+            aws.setenv(name, value)
+        s3.s3_client.cache_clear()
+        pushed = {}
+        for key, _ in s3.list_objects(remote):
+            digest = "".join(key.removeprefix(f"{prefix}/files/md5/").removesuffix(".dir").split("/"))
+            pushed[digest] = hashlib.md5(s3.read_object(f"s3://{bucket}/{key}")).hexdigest()
+    s3.s3_client.cache_clear()
+    assert all(digest == md5 for digest, md5 in pushed.items()), pushed
+    workspace = {hashlib.md5((work / name).read_bytes()).hexdigest() for name in before}
+    assert workspace <= set(pushed), workspace - set(pushed)
+    assert "Cache and remote 'store' are in sync." in dvc("status", "--cloud")
     for top in ("data/prepared", "models"):  # the outputs, not the .gitignore files DVC keeps beside them
         for output in (work / top).iterdir():
             if output.is_dir():

@@ -128,3 +128,41 @@ def test_epochs_mlflow_never_took_are_counted_as_dropped_after_the_last_epoch():
         "finetune: warning: MLflow still does not answer after the last epoch: dropped the metrics of 2 epochs "
         "(epochs 2, 3)",
     ]
+
+
+def test_a_server_that_fails_every_request_is_one_line_within_seconds():
+    """An MLflow server that answers 500 (its database gone, say): MLflow's client would retry each request for
+    minutes; the stage's first request gives up after two quick retries, in one line."""
+    import http.server
+    import threading
+
+    class Failing(http.server.BaseHTTPRequestHandler):
+        def _answer(self):
+            status = 200 if self.path == "/health" else 500
+            body = (
+                b"OK" if status == 200 else b'{"error_code": "INTERNAL_ERROR", "message": "database is gone"}'
+            )
+            self.send_response(status)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        do_GET = do_POST = _answer
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Failing)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{server.server_address[1]}"
+    try:
+        started = time.monotonic()
+        with pytest.raises(PipelineError) as failed:
+            start_stage_run(MlflowConfig(tracking_uri=url), "evaluate", "0" * 64)
+    finally:
+        server.shutdown()
+    assert time.monotonic() - started < 15
+    assert str(failed.value) == (
+        f"MLflow at {url} failed the stage's requests (500, a server error, after retries): expected a working "
+        "tracking server (its own log says what failed)"
+    )

@@ -17,9 +17,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import shutil
-import tempfile
 from collections import Counter
 from pathlib import Path
 
@@ -28,6 +25,7 @@ import numpy as np
 from resnet.data.s3 import is_s3_uri, read_object  # boto3 is imported only when one is used
 from resnet.data.sources import RawDataset
 from resnet.errors import DataError
+from resnet.io import atomic_dir
 
 SPLITS = ("train", "val", "test")
 MANIFEST = "manifest.json"
@@ -184,9 +182,7 @@ def write_prepared(
     if empty:
         raise DataError(f"{source}: no usable images in class {', '.join(empty)}")
     splits = stratified_split(raw.labels, val, test, seed)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
-    try:
+    with atomic_dir(out_dir) as tmp:
         jobs = []
         for name in SPLITS:
             idx = splits[name]
@@ -231,13 +227,6 @@ def write_prepared(
             "rejected_by_reason": _reason_counts(raw),
         }
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
-        os.chmod(tmp, 0o755)
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        tmp.rename(out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return manifest
 
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import shutil
 from pathlib import Path
 
 from resnet.config import Config
@@ -57,7 +56,7 @@ def run(
     from resnet import evaluate as ev
     from resnet import plots
     from resnet.data.prepare import default_prepared_dir
-    from resnet.io import write_csv, write_json
+    from resnet.io import atomic_dir, write_csv, write_json
 
     data_dir = data or default_prepared_dir(cfg.finetune.dataset)
     scores, meta, dataset = ev.score_model_file(model, data_dir)
@@ -68,51 +67,52 @@ def run(
     ece, table = ev.calibration(scores)
     classes = scores.classes
 
-    figures_dir = Path(figures)
-    shutil.rmtree(figures_dir, ignore_errors=True)  # exactly this run's figures, nothing stale
-    matrix = ev.confusion(scores)
-    plots.confusion_png(matrix, classes, figures_dir / FIGURES[0], normalize=False)
-    plots.confusion_png(matrix, classes, figures_dir / FIGURES[1], normalize=True)
-    plots.reliability_png(table, ece, figures_dir / FIGURES[2])
-    worst = ev.worst_errors(scores)
-    titles = [
-        f"{classes[scores.labels[i]]} → {classes[scores.predicted[i]]} ({scores.probs[i].max():.2f})"
-        for i in worst
-    ]
-    plots.image_grid_png(dataset.splits["test"].images[worst].numpy(), titles, figures_dir / FIGURES[3])
-    rows = [
-        {"actual": classes[a], "predicted": classes[p]}
-        for a, p in zip(scores.labels, scores.predicted, strict=True)
-    ]
-    write_csv(confusion, rows, columns=("actual", "predicted"))
-    write_csv(calibration, table, columns=("bin_low", "bin_high", "images", "confidence", "accuracy"))
-    write_json(metrics, summary)
+    # Exactly this run's figures, nothing stale, and never some of them: they are drawn into a temporary
+    # directory that takes the place of `figures` once the stage is done.
+    with atomic_dir(figures) as figures_dir:
+        matrix = ev.confusion(scores)
+        plots.confusion_png(matrix, classes, figures_dir / FIGURES[0], normalize=False)
+        plots.confusion_png(matrix, classes, figures_dir / FIGURES[1], normalize=True)
+        plots.reliability_png(table, ece, figures_dir / FIGURES[2])
+        worst = ev.worst_errors(scores)
+        titles = [
+            f"{classes[scores.labels[i]]} → {classes[scores.predicted[i]]} ({scores.probs[i].max():.2f})"
+            for i in worst
+        ]
+        plots.image_grid_png(dataset.splits["test"].images[worst].numpy(), titles, figures_dir / FIGURES[3])
+        rows = [
+            {"actual": classes[a], "predicted": classes[p]}
+            for a, p in zip(scores.labels, scores.predicted, strict=True)
+        ]
+        write_csv(confusion, rows, columns=("actual", "predicted"))
+        write_csv(calibration, table, columns=("bin_low", "bin_high", "images", "confidence", "accuracy"))
+        write_json(metrics, summary)
 
-    # Imported only now: mlflow takes seconds to import, and a bad model or dataset should fail before that.
-    from resnet.lineage import DatasetUse, record_lineage
-    from resnet.tracking import start_stage_run
+        # Imported only now: mlflow takes seconds to import, and a bad model or dataset should fail before that.
+        from resnet.lineage import DatasetUse, record_lineage
+        from resnet.tracking import start_stage_run
 
-    run_handle = start_stage_run(cfg.mlflow, STAGE, dataset.content_hash)
-    with run_handle:
-        use = DatasetUse(cfg.finetune.dataset, str(data_dir), dataset.content_hash, ("test",))
-        record_lineage(run_handle, cfg, STAGE, [use])
-        run_handle.set_tags({"model.sha256": summary["model_sha256"]})
-        curves = _training_curves(run_handle.client, best)
-        if curves:
-            plots.curves_png(curves, figures_dir / CURVES)
-        run_handle.log_metrics({k: v for k, v in summary.items() if isinstance(v, int | float)})
-        run_handle.log_artifact(metrics)
-        run_handle.log_artifact(confusion)
-        run_handle.log_artifact(calibration)
-        for png in sorted(figures_dir.glob("*.png")):
-            run_handle.log_artifact(png, "evaluation")
-        run_handle.client.log_text(
-            run_handle.run_id, ev.classification_report_text(scores), "evaluation/report.txt"
-        )
+        run_handle = start_stage_run(cfg.mlflow, STAGE, dataset.content_hash)
+        with run_handle:
+            use = DatasetUse(cfg.finetune.dataset, str(data_dir), dataset.content_hash, ("test",))
+            record_lineage(run_handle, cfg, STAGE, [use])
+            run_handle.set_tags({"model.sha256": summary["model_sha256"]})
+            curves = _training_curves(run_handle.client, best)
+            if curves:
+                plots.curves_png(curves, figures_dir / CURVES)
+            run_handle.log_metrics({k: v for k, v in summary.items() if isinstance(v, int | float)})
+            run_handle.log_artifact(metrics)
+            run_handle.log_artifact(confusion)
+            run_handle.log_artifact(calibration)
+            for png in sorted(figures_dir.glob("*.png")):
+                run_handle.log_artifact(png, "evaluation")
+            run_handle.client.log_text(
+                run_handle.run_id, ev.classification_report_text(scores), "evaluation/report.txt"
+            )
     print(
         f"{STAGE}: test accuracy {summary['test_acc']:.4f} (top-5 {summary['test_top5_acc']:.4f}), macro F1 "
         f"{summary['test_f1_macro']:.4f}, ECE {summary['test_ece']:.4f} on {summary['test_images']} images "
-        f"→ {metrics}, {figures_dir}/"
+        f"→ {metrics}, {figures}/"
     )
     return summary
 
