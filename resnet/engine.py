@@ -33,6 +33,7 @@ from resnet.data.loading import Normalize
 from resnet.finetune import FinetunePlan
 from resnet.io import atomic_path
 from resnet.models import build_model
+from resnet.pretrained import WEIGHTS_DIGEST, check_weights, state_dict_digest
 
 
 class EpochStats:
@@ -678,11 +679,13 @@ def _wrap(model: nn.Module, world_size: int, compile: bool, *, rewrap: bool) -> 
 
 def save_model_file(path: str | Path, model: nn.Module | dict[str, Any], meta: dict[str, Any]) -> None:
     """Weights (a model or its state dict) plus what is needed to rebuild and feed the model (name, classes,
-    normalisation), written to a temporary file and renamed, so a reader never sees half a file. Loadable
-    with `weights_only=True`. The same weights and meta give the same bytes (torch.save names the archive
-    inside after the file it writes, here a random temporary name, so it saves to memory first), so that DVC
-    sees an unchanged output as unchanged and does not re-run what depends on it."""
+    normalisation) and the sha256 of the weights (`WEIGHTS_DIGEST`, checked by every load), written to a
+    temporary file and renamed, so a reader never sees half a file. Loadable with `weights_only=True`. The same
+    weights and meta give the same bytes (torch.save names the archive inside after the file it writes, here a
+    random temporary name, so it saves to memory first), so that DVC sees an unchanged output as unchanged and
+    does not re-run what depends on it."""
     weights = model.state_dict() if isinstance(model, nn.Module) else model
+    meta = meta | {WEIGHTS_DIGEST: state_dict_digest(weights)}
     buffer = io.BytesIO()
     torch.save({"meta": meta, "model": weights}, buffer)
     with atomic_path(path) as tmp:
@@ -690,9 +693,11 @@ def save_model_file(path: str | Path, model: nn.Module | dict[str, Any], meta: d
 
 
 def load_model_file(path: str | Path, map_location: str | torch.device = "cpu") -> tuple[nn.Module, dict]:
-    """Rebuild the model saved by `save_model_file`; returns (model in eval mode, meta)."""
+    """Rebuild the model saved by `save_model_file` once its weights match their digest; returns (model in
+    eval mode, meta)."""
     blob = torch.load(path, map_location=map_location, weights_only=True)
     meta = blob["meta"]
+    check_weights(path, meta, blob["model"])
     model = build_model(meta["model_name"], meta["num_classes"])
     model.load_state_dict(blob["model"], strict=True)
     return model.eval(), meta

@@ -47,7 +47,9 @@ __all__ = [
     "KINDS",
     "MODEL_FILE",
     "TORCHVISION_PREFIX",
+    "WEIGHTS_DIGEST",
     "Pretrained",
+    "check_weights",
     "describe_source",
     "load_pretrained",
     "state_dict_digest",
@@ -206,6 +208,10 @@ def load_pretrained(
     )
 
 
+# The meta key of a model file (engine.save_model_file) holding the sha256 of its weights (`state_dict_digest`).
+WEIGHTS_DIGEST = "weights_sha256"
+
+
 def state_dict_digest(state_dict: Mapping[str, torch.Tensor]) -> str:
     """sha256 (hex) of the tensors' raw bytes, in the mapping's order (keys, dtypes and shapes not included)."""
     digest = hashlib.sha256()
@@ -213,6 +219,20 @@ def state_dict_digest(state_dict: Mapping[str, torch.Tensor]) -> str:
         flat = tensor.detach().to("cpu").contiguous().reshape(-1)
         digest.update(flat.view(torch.uint8).numpy())
     return digest.hexdigest()
+
+
+def check_weights(path: str | Path, meta: dict[str, Any], weights: dict[str, torch.Tensor]) -> None:
+    """A model file's weights must be those it was saved with: a file altered or damaged since (bits flipped,
+    a tensor replaced) is refused before it is used. Files saved before the digest was recorded pass."""
+    recorded = meta.get(WEIGHTS_DIGEST)
+    if recorded is None:
+        return
+    found = state_dict_digest(weights)
+    if found != recorded:
+        raise PipelineError(
+            f"{path}: its weights do not match the sha256 saved with them ({recorded[:12]}…, now {found[:12]}…): "
+            "the file was altered or is damaged; expected the file as the pipeline wrote it"
+        )
 
 
 def _error(source: str, message: str) -> PipelineError:
@@ -355,6 +375,10 @@ def _load_file(path: Path, hint: str | None, *, where: str) -> tuple[ResNet, str
                 f"{where}a model file of an unknown model {name!r}: expected one of {', '.join(available_models())}"
             )
         _check_hint(hint, name, f"{where}a model file of")
+        try:
+            check_weights(path, meta, state_dict)
+        except PipelineError as exc:
+            raise _SourceError(where + str(exc).removeprefix(f"{path}: ")) from None
         return _build_from_state_dict(_clean(state_dict), name, where=where)
     if isinstance(blob, Mapping) and _is_state_dict(blob.get("state_dict")):
         blob = blob["state_dict"]

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 from test_predict import tiny_model_file
 
@@ -250,6 +251,14 @@ CASES = [
         files={"model.pt": b"hello, I am text"},
     ),
     Case(
+        "model-tampered",
+        "model: a file whose weights were altered after it was written (its saved sha256 no longer matches)",
+        ("predict", "{dir}/model.pt", "{dir}", "--out", "{dir}/out"),
+        "model.pt: its weights do not match the sha256 saved with them",
+        None,
+        files={"model.pt": b"@tampered"},
+    ),
+    Case(
         "predict-no-images",
         "predict: an input with no images",
         ("predict", "{dir}/model.pt", "{dir}/empty", "--out", "{dir}/out"),
@@ -298,6 +307,10 @@ def _write(case: Case, directory: Path) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
         if data == b"@model":
             tiny_model_file(path)
+        elif data == b"@tampered":  # one weight changed, the meta (and its digest) kept
+            blob = torch.load(tiny_model_file(path), weights_only=True)
+            blob["model"]["fc.bias"][0] += 1.0
+            torch.save(blob, path)
         else:
             path.write_bytes(data)
 

@@ -395,6 +395,7 @@ def test_pretrain_takes_the_weights_another_source_names_without_training(tmp_pa
         "num_classes": 7,
         "pretrained": str(source),
         "digest": state_dict_digest(weights),
+        "weights_sha256": state_dict_digest(weights),  # what every load of the file checks
     }
     assert all(torch.equal(blob["model"][key], value) for key, value in weights.items())
     assert json.loads(metrics.read_text())["kind"] == "file"

@@ -30,6 +30,7 @@ from resnet.engine import (
 )
 from resnet.finetune import FinetunePlan, replace_head, start_epochs
 from resnet.models import build_model
+from resnet.pretrained import WEIGHTS_DIGEST, state_dict_digest
 
 CPU = torch.device("cpu")
 
@@ -426,6 +427,7 @@ def test_model_file_round_trip(tmp_path):
     meta = model_meta(mean=[0.5] * 3, std=[0.2] * 3)
     save_model_file(tmp_path / "m.pt", model, meta)
     loaded, loaded_meta = load_model_file(tmp_path / "m.pt")
+    meta |= {WEIGHTS_DIGEST: state_dict_digest(model.state_dict())}  # what every load checks
     assert loaded_meta == meta and not loaded.training
     for name, tensor in model.state_dict().items():
         assert torch.equal(loaded.state_dict()[name], tensor)
@@ -440,7 +442,7 @@ def test_model_file_round_trip_keeps_trained_bn_buffers(tmp_path):
     meta = {"model_name": "resnet20", "num_classes": 3, "classes": ["a", "b", "c"], "mean": [0.1] * 3}
     save_model_file(tmp_path / "sub" / "m.pt", model, meta)
     loaded, loaded_meta = load_model_file(tmp_path / "sub" / "m.pt")
-    assert loaded_meta == meta
+    assert loaded_meta == meta | {WEIGHTS_DIGEST: state_dict_digest(model.state_dict())}
     assert all(not m.training for m in loaded.modules())
     assert int(loaded.bn1.num_batches_tracked) == 1
     assert torch.equal(loaded.bn1.running_var, model.bn1.running_var)
@@ -505,7 +507,8 @@ def test_classifier_normalises_inside(tmp_path):
     meta = model_meta(mean=[0.4] * 3, std=[0.3] * 3)
     save_model_file(tmp_path / "m.pt", model, meta)
     classifier, loaded_meta = load_classifier(tmp_path / "m.pt")
-    assert loaded_meta == meta and not classifier.training
+    assert loaded_meta == meta | {WEIGHTS_DIGEST: state_dict_digest(model.state_dict())}
+    assert not classifier.training
     images = torch.rand(3, 3, 16, 16)
     with torch.no_grad():
         torch.testing.assert_close(classifier(images), model(Normalize((0.4,) * 3, (0.3,) * 3)(images)))

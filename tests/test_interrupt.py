@@ -4,7 +4,7 @@ half-written (each is absent, or whole), the next `dvc repro` skips the stages t
 interrupted one again, and once it completes no temporary is left behind (a killed writer's is removed by the
 next writer of the same output: resnet/io.py).
 
-A project of its own, with one tiny dataset for pretraining and fine-tuning, against the session's Ray cluster."""
+A project of its own, with one tiny dataset, fine-tuned from a random start, against the session's Ray cluster."""
 
 from __future__ import annotations
 
@@ -35,12 +35,13 @@ OUTPUTS = {
 }
 STAGES = list(OUTPUTS)
 # Where each stage is interrupted, and how: a line of the run's output, then a pause (s) into the stage's work.
-# prepare is killed as it writes its shards; pretraining and the sweep while they start their Ray workers
-# (interrupted mid-epoch, each goes on from its checkpoints when run again: tests/test_distributed.py and
-# tests/test_sweep.py); evaluate and register by Ctrl-C as they load their inputs.
+# prepare is killed as it writes its shards, the sweep as it starts its Ray workers, pretrain (which here hands
+# on untrained starting weights, `finetune.pretrained: none`) as it starts; evaluate and register by Ctrl-C as
+# they load their inputs. (Pretraining and the sweep interrupted mid-epoch go on from their checkpoints when
+# run again: tests/test_distributed.py and tests/test_sweep.py.)
 INTERRUPTS = {
     "prepare@fractals": (signal.SIGKILL, r"fractals: write", 0.0),
-    "pretrain": (signal.SIGKILL, r"pretrain: (starting|resuming) run", 2.0),
+    "pretrain": (signal.SIGKILL, r"Running stage 'pretrain'", 2.0),
     "tune": (signal.SIGKILL, r"tune: sweep ", 2.0),
     "evaluate": (signal.SIGINT, r"Running stage 'evaluate'", 4.0),
     "register": (signal.SIGINT, r"Running stage 'register'", 4.0),
@@ -53,7 +54,13 @@ def _params(repo_root: Path) -> dict:
         "fractals": {"source": "fractals", "image_size": 16, "fractals": {"num_classes": 4, "per_class": 20}}
     }
     params["pretrain"] |= {"dataset": "fractals", "epochs": 2, "batch_size": 16}
-    params["finetune"] |= {"dataset": "fractals", "epochs": 2, "batch_size": 16}
+    params["finetune"] |= {
+        "dataset": "fractals",
+        "pretrained": "none",
+        "model": "resnet20",
+        "epochs": 2,
+        "batch_size": 16,
+    }
     params["tune"] |= {
         "num_samples": 1,
         "search_space": {"strategy": {"distribution": "choice", "values": ["full"]}},

@@ -8,6 +8,7 @@ Each check is also shown to reject a broken manifest.
 
 from __future__ import annotations
 
+import configparser
 import copy
 import importlib.util
 import re
@@ -220,6 +221,7 @@ def test_every_manifest_has_documents():
     assert kinds == sorted(
         [
             "ConfigMap",
+            "ConfigMap",
             "Deployment",
             "Deployment",
             "Namespace",
@@ -366,12 +368,14 @@ def test_the_rayjob_entrypoint():
     assert spec["submissionMode"] == "K8sJobMode", "KubeRay sets RAY_JOB_SUBMISSION_ID in the submitter"
     assert yaml.safe_load(spec["runtimeEnvYAML"]) == {"working_dir": "/app"}, "the image's pipeline files"
     # the rest comes from the head's environment: the DVC remote and Ray's storage, both on S3
-    config = one("ConfigMap")["data"]
+    config = one("ConfigMap", "resnet-pipeline-config")["data"]
     assert (
         urlparse(config["RESNET_DVC_REMOTE"]).scheme == urlparse(config["RESNET_RAY_STORAGE"]).scheme == "s3"
     )
     head = spec["rayClusterSpec"]["headGroupSpec"]["template"]["spec"]["containers"][0]
-    assert {"configMapRef": {"name": one("ConfigMap")["metadata"]["name"]}} in head["envFrom"]
+    assert {"configMapRef": {"name": one("ConfigMap", "resnet-pipeline-config")["metadata"]["name"]}} in head[
+        "envFrom"
+    ]
 
 
 @pytest.mark.parametrize("kind", ["RayCluster", "RayJob"])
@@ -426,7 +430,7 @@ def test_the_secret_rule_catches_literals():
     container["env"].append({"name": "MLFLOW_TRACKING_TOKEN", "value": "abc"})
     container["args"][0] = "--backend-store-uri=postgresql://mlflow:hunter2@postgres:5432/mlflow"
     assert len(secret_errors(doc)) == 2
-    doc = one("ConfigMap")
+    doc = one("ConfigMap", "resnet-pipeline-config")
     doc["data"]["AWS_SECRET_ACCESS_KEY"] = "x"
     assert secret_errors(doc) == ["ConfigMap key AWS_SECRET_ACCESS_KEY"]
     secret = {"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "s"}, "stringData": {"a": "b"}}
@@ -484,7 +488,7 @@ def test_everything_is_in_one_namespace():
 
 
 def test_one_bucket_everywhere():
-    config = one("ConfigMap")["data"]
+    config = one("ConfigMap", "resnet-pipeline-config")["data"]
     args = one("Deployment", "mlflow")["spec"]["template"]["spec"]["containers"][0]["args"]
     artifacts = next(a.split("=", 1)[1] for a in args if a.startswith("--artifacts-destination="))
     storage = config["RESNET_RAY_STORAGE"]
@@ -493,7 +497,7 @@ def test_one_bucket_everywhere():
 
 
 def test_mlflow_server_answers_its_clients():
-    config = one("ConfigMap")["data"]
+    config = one("ConfigMap", "resnet-pipeline-config")["data"]
     container = one("Deployment", "mlflow")["spec"]["template"]["spec"]["containers"][0]
     args = dict(a.split("=", 1) for a in container["args"])
     service = one("Service", "mlflow")
@@ -520,6 +524,55 @@ def test_mlflow_server_answers_its_clients():
     assert db.username == pg["POSTGRES_USER"]["value"] and db.path == "/" + pg["POSTGRES_DB"]["value"]
     env = {e["name"]: e for e in container["env"]}
     assert env["PGPASSWORD"]["valueFrom"] == pg["POSTGRES_PASSWORD"]["valueFrom"]
+
+
+def test_mlflow_needs_a_user_and_the_pipelines_pods_have_one():
+    """The server runs MLflow's basic-auth app with the configuration file of a Secret (README.md writes it: no
+    rights by default, its users in the database postgres.yaml makes, no password in any URI); every Ray
+    container signs in as that file's admin with the password of the same Secret."""
+    container = one("Deployment", "mlflow")["spec"]["template"]["spec"]["containers"][0]
+    pod = one("Deployment", "mlflow")["spec"]["template"]["spec"]
+    assert "--app-name=basic-auth" in container["args"]
+    env = {e["name"]: e for e in container["env"]}
+    config_path = Path(env["MLFLOW_AUTH_CONFIG_PATH"]["value"])
+    assert env["MLFLOW_FLASK_SERVER_SECRET_KEY"]["valueFrom"]["secretKeyRef"] == {
+        "name": "resnet-mlflow-auth",
+        "key": "session_key",
+    }
+    (mount,) = [m for m in container["volumeMounts"] if m["mountPath"] == str(config_path.parent)]
+    (volume,) = [v for v in pod["volumes"] if v["name"] == mount["name"]]
+    assert volume["secret"]["secretName"] == "resnet-mlflow-auth"
+    assert volume["secret"]["items"] == [{"key": config_path.name, "path": config_path.name}]
+
+    readme = (K8S / "README.md").read_text()
+    ini = configparser.ConfigParser()
+    ini.read_string(re.search(r"<<INI\n(.*?)\nINI\n", readme, re.S).group(1))
+    auth = ini["mlflow"]
+    assert auth["default_permission"] == "NO_PERMISSIONS"
+    assert auth["authorization_function"] == "mlflow.server.auth:authenticate_request_basic_auth"
+    users = urlparse(auth["database_uri"])
+    assert users.password is None and users.hostname == one("Service", "postgres")["metadata"]["name"]
+    made = one("ConfigMap", "postgres-init")["data"]
+    assert any(f"CREATE DATABASE {users.path.lstrip('/')};" in sql for sql in made.values())
+    created = re.search(r"create secret generic resnet-mlflow-auth((?:.*\\\n)*.*)", readme).group(1)
+    keys = set(re.findall(r"--from-(?:literal|file)=([\w.-]+)=", created))
+    assert keys == {config_path.name, "admin_password", "session_key"}
+
+    ray = [
+        (where, c)
+        for _, doc in DOCS
+        if doc["kind"] in ("RayJob", "RayCluster")
+        for where, c in containers(doc)
+    ]
+    ray = [(where, c) for where, c in ray if c.get("name") in ("ray-head", "ray-worker")]
+    assert len(ray) == 4, [where for where, _ in ray]  # head and workers of the RayJob's and the RayCluster's
+    for where, c in ray:
+        env = {e["name"]: e for e in c["env"]}
+        assert env["MLFLOW_TRACKING_USERNAME"]["value"] == auth["admin_username"], where
+        assert env["MLFLOW_TRACKING_PASSWORD"]["valueFrom"]["secretKeyRef"] == {
+            "name": "resnet-mlflow-auth",
+            "key": "admin_password",
+        }, where
 
 
 def test_the_image_has_a_driver_for_the_mlflow_database(locked):

@@ -346,6 +346,21 @@ def test_corrupt_cached_file_says_to_delete_it(torch_home, monkeypatch):
 # --- local files ---------------------------------------------------------------------------------------------
 
 
+def test_a_model_file_whose_weights_changed_since_it_was_saved_is_refused(tmp_path):
+    """Model files carry the sha256 of their weights (engine.save_model_file); a starting point whose weights no
+    longer match it is refused, by path or as the pretrain stage's output, before fine-tuning begins."""
+    path = tmp_path / "model.pt"
+    save_model_file(path, seeded("resnet20", 10), {"model_name": "resnet20", "num_classes": 10})
+    blob = torch.load(path, weights_only=True)
+    assert blob["meta"]["weights_sha256"] == state_dict_digest(blob["model"])
+    blob["model"]["conv1.weight"][0, 0, 0, 0] += 0.5
+    torch.save(blob, path)
+    for source, kwargs in ((str(path), {}), ("pretrain", {"pretrain_path": path})):
+        with pytest.raises(PipelineError) as caught:
+            load_pretrained(source, 10, **kwargs)
+        assert "its weights do not match the sha256 saved with them" in str(caught.value), caught.value
+
+
 def test_model_file_keeps_or_replaces_the_head(tmp_path):
     model = seeded("resnet20", 10)
     saved = clone_state(model)

@@ -6,6 +6,7 @@ Unit tests (nothing starts, or a start that fails early) and integration tests o
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -448,6 +449,18 @@ def test_postgres_backend_holds_mlflows_runs_across_down_and_up(tmp_path):
         assert read.returncode == 0, read.stderr[-3000:]
         loss, path = read.stdout.split()
         assert float(loss) == 0.5 and Path(path).read_text() == "hello"
+        # The database's password (made into secrets.json, read by the server from a pgpass file, never put in a
+        # URI) is in no log of the stack, no command line of its processes, nothing its clients were given.
+        db_password = json.loads((state / "secrets.json").read_text())["db_password"]
+        logs = {path.name: path.read_text(errors="replace") for path in state.glob("*.log")}
+        assert "postgres.log" in logs and "mlflow.log" in logs
+        assert [name for name, text in logs.items() if db_password in text] == []
+        command_lines = []
+        for pid in stack.processes():
+            with contextlib.suppress(OSError):  # a process that ended meanwhile
+                command_lines.append(Path(f"/proc/{pid}/cmdline").read_bytes())
+        assert command_lines and not [line for line in command_lines if db_password.encode() in line]
+        assert db_password not in logged.stdout + read.stdout + (state / "env").read_text()
     finally:
         stack.down()
         shutil.rmtree(state, ignore_errors=True)
