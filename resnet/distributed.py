@@ -353,8 +353,7 @@ class EpochReporter(UserCallback):
     Logging here rather than in the worker is what makes each epoch appear exactly once in MLflow: a worker
     group that dies before its epoch is registered is restarted from the previous checkpoint and runs that
     epoch again; had the worker logged it first, the curve would hold it twice. (A controller that dies between
-    the registration and the logging, with its driver, leaves the epoch out: `log_epoch_if_missing` logs it
-    from its checkpoint when the run resumes.)
+    the registration and the logging, with its driver, leaves that epoch out: docs/RELIABILITY.md, limits.)
 
     An MLflow server that stops answering never stops training: each request fails at once (no minutes of
     retries), the epoch's metrics are kept, in order and with their own timestamps, and sent with the next
@@ -440,22 +439,6 @@ class EpochReporter(UserCallback):
         log.info(line)  # the controller's own log file
         if self.lines is not None:
             self.lines.put(line)
-
-
-def log_epoch_if_missing(run, stage: str, epoch: int, metrics: dict[str, Any]) -> None:
-    """The epoch a resumed worker group starts after is registered, so it never runs again: if its metrics never
-    reached MLflow (what logged them died between the registration and the logging: a killed sweep driver takes
-    its trials' Train controllers with it), they are logged now, from its checkpoint, at its step."""
-    from resnet.tracking import fail_fast
-
-    try:
-        with fail_fast():
-            logged = {m.step for m in run.client.get_metric_history(run.run_id, "train_loss")}
-            if epoch not in logged:
-                run.log_metrics({k: v for k, v in metrics.items() if k not in NOT_LOGGED}, step=epoch)
-                log.info("%s: epoch %d was not in MLflow: logged it from its checkpoint", stage, epoch)
-    except Exception as exc:  # noqa: BLE001 -- the curve may lack the epoch; training goes on
-        log.warning("%s: could not check MLflow for epoch %d: %s", stage, epoch, exc)
 
 
 def _steps(steps: set[int]) -> str:
@@ -548,12 +531,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     if checkpoint is not None:  # a restarted worker group, or a resumed run: continue after the last epoch
         with checkpoint.as_directory() as directory:
             resume = load_train_state(directory, rank)
-            saved = torch.load(Path(directory) / MODEL_FILE, weights_only=True)["meta"] if rank == 0 else {}
         start_epoch = resume.epoch
         if rank == 0:
             log.info("%s: resuming after epoch %d from %s", job.stage, start_epoch, checkpoint.path)
-            if job.mlflow_run is not None and "metrics" in saved:
-                log_epoch_if_missing(job.mlflow_run, job.stage, start_epoch, saved["metrics"])
 
     def report(metrics: dict[str, float], state: TrainState) -> None:
         # MLflow and the progress line get the epoch from the controller once it is registered (EpochReporter).

@@ -166,27 +166,3 @@ def test_a_server_that_fails_every_request_is_one_line_within_seconds():
         f"MLflow at {url} failed the stage's requests (500, a server error, after retries): expected a working "
         "tracking server (its own log says what failed)"
     )
-
-
-def test_a_resumed_epoch_missing_from_mlflow_is_logged_from_its_checkpoint_once(tmp_path):
-    """A sweep driver killed between Ray Train's registration of an epoch and its logging: the trial resumes
-    after that epoch (it never runs again), so its metrics come from its checkpoint, and only when missing."""
-    from mlflow.tracking import MlflowClient
-
-    from resnet.distributed import log_epoch_if_missing
-    from resnet.tracking import start_run
-
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    run = start_run(uri, "resnet-pipeline", "trial", root=tmp_path)
-    run.log_metrics({"train_loss": 1.0}, step=1)
-    saved = {"epoch": 2, "start_epoch": 0, "early_stopped": False, "train_loss": 0.5, "val_acc": 0.75}
-    log_epoch_if_missing(run, "finetune", 2, saved)
-    log_epoch_if_missing(run, "finetune", 2, saved)  # a second restart from the same checkpoint
-    log_epoch_if_missing(run, "finetune", 1, {"train_loss": 9.0})  # logged already: left alone
-    client = MlflowClient(uri)
-    assert [(m.step, m.value) for m in client.get_metric_history(run.run_id, "train_loss")] == [
-        (1, 1.0),
-        (2, 0.5),
-    ]
-    assert [(m.step, m.value) for m in client.get_metric_history(run.run_id, "val_acc")] == [(2, 0.75)]
-    assert client.get_metric_history(run.run_id, "epoch") == []
