@@ -364,9 +364,8 @@ class EpochReporter(UserCallback):
         self.stage, self.epochs, self.run, self.lines = stage, epochs, run, lines
         self.last_epoch = 0  # guards against a report delivered twice
         self.start_epoch = 0  # where the running worker group started (> 0: from a checkpoint)
-        self.unsent: list[
-            tuple[int, int, dict[str, Any]]
-        ] = []  # (step, time in ms, metrics) not yet in MLflow
+        # (step, time in ms, metrics) not yet in MLflow, oldest first
+        self.unsent: list[tuple[int, int, dict[str, Any]]] = []
         self.kept_steps: set[int] = set()  # steps kept while MLflow did not answer
         self.mlflow_away = False
 
