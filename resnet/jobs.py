@@ -9,10 +9,13 @@ storage between the user's checkout and the cluster:
    The job's environment carries no secret: the cluster's nodes have their own credentials (environment, role).
 2. repro-job, on the cluster: copies the working directory to a fresh directory (Ray extracts two identical
    submissions into one directory, the earlier job's files still in it), then `dvc pull` (what is already
-   computed) → `dvc repro` → `dvc push`, with `ray.storage_path` on S3 (`--storage`) so that any node reads the
-   checkpoints; MLflow is the nodes' MLFLOW_TRACKING_URI. Last it uploads the hand-back: dvc.lock and every
-   file output of dvc.lock (metrics, plots, the registration record: DVC does not push uncached files), under
-   REMOTE/jobs/JOB_ID/, with handback.json (each file's sha256) written last.
+   computed) and, stage by stage, `dvc repro --pull STAGE` → push of the stage's outputs and its entry in DVC's
+   run cache, with `ray.storage_path` on S3 (`--storage`) so that any node reads the checkpoints; MLflow is the
+   nodes' MLFLOW_TRACKING_URI. A job stopped midway has pushed every stage it finished: submitted again, DVC
+   restores those from the run cache ("Stage ... is cached - skipping run") and the stopped stage resumes its
+   Ray run from its checkpoints (the run's name is a hash of its config, data and code). Last it uploads the
+   hand-back: dvc.lock and every file output of dvc.lock (metrics, plots, the registration record: DVC does not
+   push uncached files), under REMOTE/jobs/JOB_ID/, with handback.json (each file's sha256) written last.
 3. submit, once the job ended SUCCEEDED (anything else fails, also a STOPPED job, for which `ray job submit`
    itself exits 0): downloads the hand-back, checks every hash, writes the files into the checkout, and runs
    `dvc pull` from the remote, after which `dvc status` is clean: the checkout holds what the job computed.
@@ -22,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import hashlib
 import io
 import json
@@ -247,9 +251,11 @@ def configure_remote(root: Path, remote: str) -> None:
         dvc(root, "remote", "modify", "--local", REMOTE_NAME, "endpointurl", endpoint, quiet=True)
 
 
-def dvc(root: Path, *args: str, quiet: bool = False) -> None:
-    """Run DVC (this environment's) in `root`; its output streams through, a failure is one line."""
-    env = os.environ | {"PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
+def dvc(root: Path, *args: str, quiet: bool = False, env: dict[str, str] | None = None) -> None:
+    """Run DVC (this environment's) in `root`, with `env` added to the environment; its output streams
+    through, a failure is one line."""
+    path = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
+    env = os.environ | (env or {}) | {"PATH": path}
     done = subprocess.run(
         [sys.executable, "-m", "dvc", *args],
         cwd=root,
@@ -277,12 +283,12 @@ def repro_job(
     overrides: Sequence[str] = (),
     source: Path | None = None,
 ) -> Path:
-    """In a fresh copy of `source` (the job's working directory): dvc pull → repro → push, then the hand-back.
-    Returns the copy."""
+    """In a fresh copy of `source` (the job's working directory): dvc pull, then each stage reproduced and
+    pushed with its run, then the hand-back. Returns the copy."""
     remote = _remote(remote)
     source = source or Path.cwd()
     work = Path(tempfile.mkdtemp(prefix=f"{job_id}-"))
-    shutil.copytree(source, work, dirs_exist_ok=True, ignore=shutil.ignore_patterns(".dvc/tmp"))
+    shutil.copytree(source, work, dirs_exist_ok=True, ignore=_not_submitted)
     print(f"repro-job {job_id}: working copy {work}", flush=True)
     # The user's overrides go back with the results; ray.storage_path is how this job ran, not a result.
     handed_params = (
@@ -293,12 +299,22 @@ def repro_job(
     if not (work / ".git").exists():
         dvc(work, "config", "--local", "core.no_scm", "true", quiet=True)
     configure_remote(work, remote)
+    dvc(work, "remote", "default", "--local", REMOTE_NAME, quiet=True)  # where `repro --pull` finds runs
+    # The stage runs of one submission share a pipeline run id, also across a stopped job and its re-submission.
+    env = {
+        "RESNET_PIPELINE_RUN_ID": os.environ.get("RESNET_PIPELINE_RUN_ID")
+        or submission_digest(source, overrides)
+    }
     _step(job_id, f"dvc pull from {remote} (what is already computed)")
     dvc(work, "pull", "--remote", REMOTE_NAME, "--allow-missing")
-    _step(job_id, "dvc repro " + " ".join(stages))
-    dvc(work, "repro", *stages)
-    _step(job_id, f"dvc push to {remote}")
-    dvc(work, "push", "--remote", REMOTE_NAME)
+    for target in stages or pipeline_stages(work):
+        _step(job_id, f"dvc repro {target}")
+        lock = _read(work / "dvc.lock")
+        dvc(work, "repro", "--pull", target, env=env)
+        if _read(work / "dvc.lock") != lock:  # a stage ran (or came back from the run cache)
+            push_stage_runs(work)
+            _step(job_id, f"{target}: outputs and run cache pushed to {remote}")
+    dvc(work, "push", "--remote", REMOTE_NAME, quiet=True)
     if handed_params is not None:
         (work / "params.yaml").write_text(handed_params)
     files = upload_handback(
@@ -306,6 +322,51 @@ def repro_job(
     )
     print(f"repro-job {job_id}: done; hand-back of {len(files)} files at {handback_uri(remote, job_id)}")
     return work
+
+
+def _read(path: Path) -> bytes | None:
+    return path.read_bytes() if path.exists() else None
+
+
+def pipeline_stages(work: Path) -> list[str]:
+    """dvc.yaml's stages in the order it lists them (a `foreach` group by its name: all of its stages)."""
+    return list(yaml.safe_load((work / "dvc.yaml").read_text())["stages"])
+
+
+def _not_submitted(directory: str, names: list[str]) -> set[str]:
+    """What running in a job's working directory adds to it (bytecode, DVC's tmp): not copied, not hashed."""
+    return {
+        name for name in names if name == "__pycache__" or (name == "tmp" and Path(directory).name == ".dvc")
+    }
+
+
+def submission_digest(source: Path, overrides: Sequence[str] = ()) -> str:
+    """A hash of what was submitted: every file of the job's working directory and the overrides. A stopped
+    job submitted again gets the same one."""
+    digest = hashlib.sha256("\0".join(overrides).encode())
+    for directory, dirs, files in os.walk(source):  # top-down, each level sorted
+        dirs[:] = sorted(set(dirs) - _not_submitted(directory, dirs))
+        for name in sorted(files):
+            path = Path(directory, name)
+            digest.update(path.relative_to(source).as_posix().encode() + b"\0")
+            digest.update(hashlib.sha256(path.read_bytes()).digest())
+    return digest.hexdigest()[:16]
+
+
+def push_stage_runs(work: Path) -> None:
+    """Push DVC's run cache and every output its runs name, `cache: false` ones included, to the remote:
+    what `dvc repro --pull` restores a finished stage from. (`dvc push --run-cache` pushes the run entries and
+    the cached outputs only: a stage with a metrics file would run again.)"""
+    from dvc.repo import Repo
+
+    with contextlib.chdir(work), Repo(str(work)) as repo:  # run entries name paths from the cwd
+        runs = repo.stage_cache.push(REMOTE_NAME)
+        failed = set()
+        for objs in repo.stage_cache.get_used_objs(runs).values():
+            failed |= repo.cloud.push(objs, remote=REMOTE_NAME).failed
+    if failed:
+        names = ", ".join(sorted(str(obj.obj_name or obj.value) for obj in failed))
+        raise PipelineError(f"dvc could not push {len(failed)} outputs to the remote: {names}")
 
 
 def _step(job_id: str, what: str) -> None:

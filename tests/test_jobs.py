@@ -5,12 +5,23 @@ from __future__ import annotations
 
 import hashlib
 import json
+import subprocess
+import sys
 
 import pytest
 import yaml
 
 from resnet.errors import PipelineError
-from resnet.jobs import edit_params, fetch_handback, handback_files, main, upload_handback
+from resnet.jobs import (
+    REMOTE_NAME,
+    edit_params,
+    fetch_handback,
+    handback_files,
+    main,
+    push_stage_runs,
+    submission_digest,
+    upload_handback,
+)
 
 LOCK = {
     "schema": "2.0",
@@ -154,3 +165,54 @@ def test_an_override_without_a_value_is_refused_in_one_line(checkout, capsys):
     assert _one_error_line(capsys) == (
         "resnet-pipeline submit: error: -S pretrain.epochs: expected KEY=VALUE (e.g. pretrain.epochs=2)"
     )
+
+
+def test_the_submission_digest_is_what_was_submitted_not_what_running_there_added(tmp_path):
+    source = tmp_path / "job"
+    (source / "resnet").mkdir(parents=True)
+    (source / "resnet/a.py").write_text("x = 1\n")
+    (source / "params.yaml").write_text("pretrain: {epochs: 2}\n")
+    first = submission_digest(source)
+    (source / "resnet/__pycache__").mkdir()
+    (source / "resnet/__pycache__/a.cpython-312.pyc").write_bytes(b"\0\1")
+    (source / ".dvc/tmp").mkdir(parents=True)
+    (source / ".dvc/tmp/lock").write_text("1")
+    assert submission_digest(source) == first  # a stopped job's re-submission: the same pipeline run id
+    assert submission_digest(source, ["pretrain.epochs=3"]) != first
+    (source / "params.yaml").write_text("pretrain: {epochs: 3}\n")
+    assert submission_digest(source) != first
+
+
+def _dvc(root, *args: str) -> str:
+    done = subprocess.run(
+        [sys.executable, "-m", "dvc", *args], cwd=root, capture_output=True, text=True, check=True
+    )
+    return done.stdout + done.stderr
+
+
+def test_a_stage_pushed_with_its_run_is_restored_elsewhere_metrics_file_and_all(tmp_path):
+    """What a re-submitted job does with the stages a stopped one finished: `dvc repro --pull` finds their
+    runs in the remote and checks out their outputs instead of running them, also an uncached metrics file
+    (`dvc push --run-cache` alone leaves that file out of the remote, and the stage runs again)."""
+    stage = {
+        "cmd": "python -c \"import pathlib; pathlib.Path('out.txt').write_text(pathlib.Path('in.txt')"
+        ".read_text() * 2); pathlib.Path('m.json').write_text('{\\\"m\\\": 1}')\"",
+        "deps": ["in.txt"],
+        "outs": ["out.txt"],
+        "metrics": [{"m.json": {"cache": False}}],
+    }
+    remote = tmp_path / "remote"
+    for name in ("first", "second"):
+        root = tmp_path / name
+        root.mkdir()
+        (root / "dvc.yaml").write_text(yaml.safe_dump({"stages": {"double": stage}}))
+        (root / "in.txt").write_text("hi\n")
+        _dvc(root, "init", "--no-scm", "-q")
+        _dvc(root, "remote", "add", "--local", "-d", REMOTE_NAME, str(remote))
+    assert "Running stage 'double'" in _dvc(tmp_path / "first", "repro")
+    push_stage_runs(tmp_path / "first")
+    restored = _dvc(tmp_path / "second", "repro", "--pull")
+    assert "Stage 'double' is cached - skipping run, checking out outputs" in restored
+    assert "Running stage" not in restored
+    for name in ("out.txt", "m.json", "dvc.lock"):
+        assert (tmp_path / "second" / name).read_bytes() == (tmp_path / "first" / name).read_bytes(), name

@@ -67,14 +67,64 @@ def _checkout(root: Path) -> Path:
     return root
 
 
+def _files(checkout: Path) -> dict[str, bytes]:
+    return {
+        path.relative_to(checkout).as_posix(): path.read_bytes()
+        for path in checkout.rglob("*")
+        if path.is_file() and ".git" not in path.relative_to(checkout).parts
+    }
+
+
+def _submit_and_stop(checkout: Path, env: dict, log: Path, when: str) -> dict:
+    """`submit`, and `ray job stop` on its job once its log shows `when`: what the command said and did."""
+    before = _files(checkout)
+    with log.open("w") as out:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "resnet.cli", "submit"],
+            cwd=checkout,
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        try:
+            text = wait_for(lambda: when in log.read_text() and log.read_text(), 600, when, 0.5)
+            job_id = next(
+                line.split()[2]
+                for line in text.splitlines()
+                if line.startswith("submit: job ") and "submitted" in line
+            )
+            ray = Path(sys.executable).parent / "ray"
+            subprocess.run(
+                [str(ray), "job", "stop", "--address", env["RAY_ADDRESS"], job_id],
+                env=env,
+                check=True,
+                timeout=120,
+                capture_output=True,
+            )
+            returncode = process.wait(timeout=300)
+        finally:
+            process.kill()
+    return {
+        "job_id": job_id,
+        "returncode": returncode,
+        "output": log.read_text(),
+        "checkout_unchanged": _files(checkout) == before,
+    }
+
+
 @pytest.fixture(scope="module")
 def submitted(local_stack, tmp_path_factory) -> dict:
+    """The pipeline submitted, its job stopped (`ray job stop`) as its sweep begins, and submitted again: the
+    second job resumes after the stages the first finished. The tests below check the second one's results."""
     checkout = _checkout(tmp_path_factory.mktemp("checkout"))
     env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "RAY_", "AWS_"))}
     env |= local_stack.env() | {
         "PATH": f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}",
         "PYTHONUNBUFFERED": "1",
     }
+    log = tmp_path_factory.mktemp("stopped") / "submit.log"
+    stopped = _submit_and_stop(checkout, env, log, when="Running stage 'tune'")
     done = subprocess.run(
         [sys.executable, "-m", "resnet.cli", "submit"],
         cwd=checkout,
@@ -89,7 +139,14 @@ def submitted(local_stack, tmp_path_factory) -> dict:
         for line in done.stdout.splitlines()
         if line.startswith("submit: job ") and "submitted" in line
     )
-    return {"checkout": checkout, "env": env, "output": done.stdout, "job_id": job_id, "stack": local_stack}
+    return {
+        "checkout": checkout,
+        "env": env,
+        "output": done.stdout,
+        "job_id": job_id,
+        "stack": local_stack,
+        "stopped": stopped,
+    }
 
 
 def _s3(env: dict):
@@ -109,15 +166,32 @@ def _keys(client, bucket: str, prefix: str = "") -> list[str]:
     return [item["Key"] for page in pages for item in page.get("Contents", [])]
 
 
-def test_the_job_ran_every_stage_on_the_cluster_and_succeeded(submitted):
-    out, job_id = submitted["output"], submitted["job_id"]
-    for stage in ("prepare@fractals", "pretrain", "tune", "evaluate", "register"):
+def test_a_job_stopped_mid_pipeline_fails_the_command_and_submitting_again_resumes_after_its_last_stage(
+    submitted,
+):
+    """`ray job submit` exits 0 for a STOPPED job; `submit` must not: stopped as its sweep began, it exits 2
+    naming the status and writes nothing into the checkout. The stopped job had pushed each stage it finished
+    with its run: the next job restores those from DVC's run cache and runs the rest."""
+    stopped, out, job_id = submitted["stopped"], submitted["output"], submitted["job_id"]
+    assert stopped["returncode"] == 2, stopped["output"][-3000:]
+    last = stopped["output"].strip().splitlines()[-1]
+    assert last.startswith(f"resnet-pipeline submit: error: job {stopped['job_id']} ended STOPPED"), last
+    assert stopped["checkout_unchanged"]
+    for stage in ("prepare@fractals", "pretrain"):
+        assert f"Running stage '{stage}'" in stopped["output"]
+        assert (
+            f"repro-job {stopped['job_id']}: {stage.split('@')[0]}: outputs and run cache pushed"
+            in (stopped["output"])
+        )
+        assert f"Stage '{stage}' is cached - skipping run, checking out outputs" in out
+        assert f"Running stage '{stage}'" not in out
+    assert "pretrain: connected to the Ray cluster" in stopped["output"]
+    for stage in ("tune", "evaluate", "register"):
         assert f"Running stage '{stage}'" in out
-    assert f"repro-job {job_id}: dvc push to s3://dvc/store" in out
+    assert f"repro-job {job_id}: register: outputs and run cache pushed to s3://dvc/store" in out
     assert (
         f"submit: job {job_id} SUCCEEDED\nsubmit: back in this checkout from job {job_id}: dvc.lock," in out
     )
-    assert "pretrain: connected to the Ray cluster" in out
 
 
 def test_pretrain_put_one_ddp_rank_on_each_worker_node_and_kept_the_replicas_identical(submitted):
@@ -158,7 +232,8 @@ def test_the_model_is_registered_as_champion_on_the_mlflow_server(submitted, mon
     client = MlflowClient(submitted["env"]["MLFLOW_TRACKING_URI"])
     assert client.get_model_version_by_alias("resnet-submitted", "champion").version == str(record["version"])
     assert not (submitted["checkout"] / "mlruns.db").exists()  # nothing went to an embedded store
-    # Lineage over HTTP, as in the embedded store: one pipeline run id, DVC's digest on the inputs.
+    # Lineage over HTTP, as in the embedded store: one pipeline run id (pretrain's run is the stopped job's),
+    # DVC's digest on the inputs.
     run = client.get_run(record["run_id"])
     stage_runs = client.search_runs(
         [run.info.experiment_id], f"tags.`pipeline.run_id` = '{run.data.tags['pipeline.run_id']}'"
@@ -323,42 +398,3 @@ def test_submitting_again_unchanged_reruns_nothing(submitted):
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert "Running stage" not in done.stdout
     assert "Data and pipelines are up to date." in done.stdout + done.stderr
-
-
-def test_a_job_stopped_on_the_cluster_fails_the_command(submitted, tmp_path):
-    """`ray job submit` exits 0 for a STOPPED job; `submit` must not: stopped mid-pipeline, it exits 2 naming
-    the status, and writes nothing into the checkout."""
-    env, checkout = submitted["env"], submitted["checkout"]
-    lock_before = (checkout / "dvc.lock").read_bytes()
-    log = tmp_path / "submit.log"
-    with log.open("w") as out:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "resnet.cli", "submit", "-S", "pretrain.seed=1"],
-            cwd=checkout,
-            env=env,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            text=True,
-        )
-        try:
-            text = wait_for(
-                lambda: "dvc repro" in log.read_text() and log.read_text(), 300, "the job's dvc repro", 0.5
-            )
-            job_id = next(
-                line.split()[2]
-                for line in text.splitlines()
-                if line.startswith("submit: job ") and "submitted" in line
-            )
-            ray = Path(sys.executable).parent / "ray"
-            subprocess.run(
-                [str(ray), "job", "stop", "--address", env["RAY_ADDRESS"], job_id],
-                env=env,
-                check=True,
-                timeout=120,
-            )
-            assert process.wait(timeout=300) == 2
-        finally:
-            process.kill()
-    last = log.read_text().strip().splitlines()[-1]
-    assert last.startswith(f"resnet-pipeline submit: error: job {job_id} ended STOPPED"), last
-    assert (checkout / "dvc.lock").read_bytes() == lock_before
