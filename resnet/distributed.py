@@ -460,8 +460,11 @@ class ProgressPrinter:
 
     def __init__(self):
         from ray.util.queue import Queue
+        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-        self.queue = Queue(actor_options={"num_cpus": 0})
+        # On the driver's node, as Ray Train's controller: a worker node lost mid-run must not take it along.
+        here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+        self.queue = Queue(actor_options={"num_cpus": 0, "scheduling_strategy": here})
 
     @contextlib.contextmanager
     def printing(self):

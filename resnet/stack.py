@@ -311,14 +311,37 @@ class Network:
         self._ip("addr", "add", f"{self.host_ip}/{prefix}", "dev", self.bridge)
         self._ip("link", "set", self.bridge, "up")
         for i in range(1, self.workers + 1):
-            ns, veth = self.namespace(i), self.veth(i)
-            self._ip("netns", "add", ns)
-            self._ip("link", "add", veth, "type", "veth", "peer", "name", "eth0", "netns", ns)
-            self._ip("link", "set", veth, "master", self.bridge, "up")
-            self._ip("-n", ns, "addr", "add", f"{self.worker_ip(i)}/{prefix}", "dev", "eth0")
-            self._ip("-n", ns, "link", "set", "lo", "up")
-            self._ip("-n", ns, "link", "set", "eth0", "up")
-            self._ip("-n", ns, "route", "add", "default", "via", self.host_ip)
+            self.add_namespace(i)
+
+    def add_namespace(self, i: int) -> None:
+        """Worker i's namespace, its end of a veth pair (eth0) at worker_ip(i), the other end on the bridge."""
+        ns, veth, prefix = self.namespace(i), self.veth(i), self.subnet.prefixlen
+        self._ip("netns", "add", ns)
+        self._ip("link", "add", veth, "type", "veth", "peer", "name", "eth0", "netns", ns)
+        self._ip("link", "set", veth, "master", self.bridge, "up")
+        self._ip("-n", ns, "addr", "add", f"{self.worker_ip(i)}/{prefix}", "dev", "eth0")
+        self._ip("-n", ns, "link", "set", "lo", "up")
+        self._ip("-n", ns, "link", "set", "eth0", "up")
+        self._ip("-n", ns, "route", "add", "default", "via", self.host_ip)
+
+    def set_link(self, i: int, up: bool) -> None:
+        """Worker i's link on the bridge up, or down (the node cut off from every other)."""
+        self._ip("link", "set", self.veth(i), "up" if up else "down")
+
+    def remove_namespace(self, i: int) -> None:
+        _run(["ip", "netns", "del", self.namespace(i)])
+        self._delete_links([self.veth(i)])
+
+    def _veths(self) -> list[str]:
+        return sorted(path.name for path in Path("/sys/class/net").glob(f"rp{self.id}v*"))
+
+    @staticmethod
+    def _delete_links(links: list[str]) -> None:
+        """A deleted namespace's veth pair goes with it once the kernel frees the namespace, which sockets of
+        processes killed mid-connection can hold for minutes: delete the pair outright."""
+        for link in links:
+            if Path(f"/sys/class/net/{link}").exists():
+                _run(["ip", "link", "del", link])
 
     def delete(self) -> None:
         """Delete our namespaces (their veth pairs go with them) and our bridge; only names of this stack."""
@@ -329,19 +352,14 @@ class Network:
             _run(["ip", "netns", "del", ns])
         if self.exists():
             _run(["ip", "link", "del", self.bridge])
-        deadline = time.monotonic() + 15  # the kernel removes a namespace's veth pair a little later
-        while any(Path(f"/sys/class/net/{self.veth(i)}").exists() for i in range(1, self.workers + 1)):
-            if time.monotonic() > deadline:
-                break
-            time.sleep(0.2)
+        self._delete_links(self._veths())
 
     def leftovers(self) -> list[str]:
         if self.mode != "netns":
             return []
         listed = _run(["ip", "netns", "list"]).stdout.split()
         names = [name for name in listed if name.startswith(f"rp-{self.id}-w")]
-        links = [self.bridge, *(self.veth(i) for i in range(1, self.workers + 1))]
-        return names + [link for link in links if Path(f"/sys/class/net/{link}").exists()]
+        return names + [self.bridge] * self.exists() + self._veths()
 
 
 # ---------------------------------------------------------------- the stack
@@ -488,6 +506,10 @@ class Stack:
             "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "0",
             "MLFLOW_DISABLE_TELEMETRY": "true",
         }
+        # The GCS declares a node dead after 5 health checks in a row unanswered: every second, 3 s each here
+        # (Ray's defaults, every 3 s and 10 s each, leave a node cut off running its part for over a minute before
+        # its work is rescheduled).
+        env |= {"RAY_health_check_period_ms": "1000", "RAY_health_check_timeout_ms": "3000"}
         return env
 
     # ------------------------------------------------------------ processes
@@ -970,6 +992,40 @@ class Stack:
             f"Ray job API did not answer {url} with the token",
             lambda: _http_status(url, auth) == 200,
         )
+
+    # ------------------------------------------------------------ one worker node at a time (fault injection)
+
+    def add_worker(self) -> str:
+        """Start one more worker node (netns mode: in a namespace of its own) and return its name. `down` stops
+        it; `up` does not start it again."""
+        numbers = [int(name.removeprefix("ray-w")) for name in self._services() if name.startswith("ray-w")]
+        i = max([self.workers, *numbers]) + 1
+        if self.network_mode == "netns":
+            self.net.add_namespace(i)
+        self._start_ray_node(f"ray-w{i}")
+        return f"ray-w{i}"
+
+    def kill_node(self, name: str) -> None:
+        """SIGKILL every process of a Ray node at once (raylet, agents, workers), as when its machine dies."""
+        for pid in _session_members({self._services()[name]["pid"]}):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+
+    def cut_node(self, name: str) -> None:
+        """Take a worker node's link down (netns mode): its processes run on, unreachable."""
+        self.net.set_link(int(name.removeprefix("ray-w")), up=False)
+
+    def restore_node(self, name: str) -> None:
+        """Stop what is left of a worker node after a fault and bring it back as `up` left it: one of the
+        stack's own workers starts again (its link up, on fresh ports), an added one is gone."""
+        i = int(name.removeprefix("ray-w"))
+        if self.network_mode == "netns":
+            self.net.set_link(i, up=True)
+        self._stop_sessions([name], timeout=5.0)
+        if i <= self.workers:
+            self._start_ray_node(name)
+        elif self.network_mode == "netns":
+            self.net.remove_namespace(i)
 
     # ------------------------------------------------------------ down, status
 
