@@ -38,6 +38,7 @@ from resnet.data.loading import PreparedData, load_prepared
 from resnet.data.prepare import join_location, read_manifest, read_shard, split_files
 from resnet.data.s3 import is_s3_uri, split_s3_uri
 from resnet.engine import TrainState, fit, save_model_file
+from resnet.errors import first_line
 from resnet.finetune import FinetunePlan
 from resnet.io import atomic_path
 from resnet.models import build_model
@@ -450,8 +451,7 @@ def _short_reason(exc: Exception) -> str:
     for phrase in ("Connection refused", "Read timed out", "timed out", "Name or service not known"):
         if phrase in text:
             return phrase.lower()
-    first = text.strip().splitlines()[0] if text.strip() else type(exc).__name__
-    return first[:160]
+    return first_line(exc, limit=160)
 
 
 class ProgressPrinter:

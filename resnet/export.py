@@ -37,7 +37,7 @@ from onnxruntime.quantization import (
 from onnxruntime.quantization.shape_inference import quant_pre_process
 
 from resnet.data.loading import load_prepared
-from resnet.errors import PipelineError
+from resnet.errors import PipelineError, first_line
 from resnet.io import atomic_path
 from resnet.predict import load_classifier
 
@@ -167,7 +167,7 @@ def quantize_int8(
             # Whatever the quantizer or ONNX Runtime refuses (an operator without an int8 kernel, a graph it
             # cannot calibrate) makes static quantization impossible for this model: fall back, and say why.
             except Exception as err:  # noqa: BLE001
-                method, reason = "dynamic", f"static quantization failed: {_first_line(err)}"
+                method, reason = "dynamic", f"static quantization failed: {first_line(err, limit=160)}"
         if method == "dynamic":
             quantize_dynamic(prepared, quantized, per_channel=True)
             _run_once(quantized, np.zeros(_input_shape(onnx.load(prepared)), dtype=np.float32))
@@ -351,7 +351,7 @@ def _load_onnx(path: str | Path) -> onnx.ModelProto:
     try:
         model = onnx.load(path)
     except DecodeError as err:
-        raise PipelineError(f"{path}: not an ONNX model ({_first_line(err)})") from None
+        raise PipelineError(f"{path}: not an ONNX model ({first_line(err, limit=160)})") from None
     if not model.graph.node:  # (what an empty file parses as)
         raise PipelineError(f"{path}: not an ONNX model (no graph)")
     return model
@@ -369,12 +369,6 @@ def _set_metadata(model: onnx.ModelProto, props: dict[str, str]) -> None:
 
 def _opset(model: onnx.ModelProto) -> int:
     return next(o.version for o in model.opset_import if o.domain in ("", "ai.onnx"))
-
-
-def _first_line(err: BaseException) -> str:
-    text = str(err).strip().splitlines()
-    line = text[0] if text else type(err).__name__
-    return line if len(line) <= 160 else line[:157] + "..."
 
 
 def _megabytes(size: int) -> str:

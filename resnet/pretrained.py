@@ -39,7 +39,7 @@ import torch
 from torch.overrides import TorchFunctionMode
 
 from resnet import weights as tv_weights
-from resnet.errors import PipelineError
+from resnet.errors import PipelineError, first_line, one_line
 from resnet.finetune import replace_head
 from resnet.models import MODELS, ResNet, available_models, build_model, load_torchvision_state_dict
 
@@ -236,7 +236,7 @@ def check_weights(path: str | Path, meta: dict[str, Any], weights: dict[str, tor
 
 
 def _error(source: str, message: str) -> PipelineError:
-    return PipelineError(f"{_FIELD}: {source}: {_one_line(message)}")
+    return PipelineError(f"{_FIELD}: {source}: {one_line(message)}")
 
 
 def _strip_prefix(message: str, source: str) -> str:
@@ -244,17 +244,8 @@ def _strip_prefix(message: str, source: str) -> str:
     return message[len(source) + 2 :] if message.startswith(f"{source}: ") else message
 
 
-def _one_line(value: object) -> str:
-    return " ".join(str(value).split())
-
-
 def _count(n: int, noun: str) -> str:
     return f"{n} {noun}{'' if n == 1 else 's'}"
-
-
-def _first_line(exc: BaseException) -> str:
-    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
-    return f"{type(exc).__name__}: {lines[0]}" if lines else type(exc).__name__
 
 
 def _check_hint(hint: str | None, name: str, what: str) -> None:
@@ -311,7 +302,7 @@ def _load_mlflow(uri: str, hint: str | None, tracking_uri: str | None) -> tuple[
             )
             loaded = mlflow.pytorch.load_model(local, map_location="cpu")
     except Exception as exc:  # MlflowException, OSError from artifact stores, unpickling errors
-        raise _SourceError(f"MLflow (tracking URI {tracking_uri}) cannot load it: {_one_line(exc)}") from exc
+        raise _SourceError(f"MLflow (tracking URI {tracking_uri}) cannot load it: {one_line(exc)}") from exc
     inner = getattr(loaded, "model", loaded)  # resnet.predict.Classifier wraps our ResNet as .model
     if isinstance(inner, ResNet):
         state_dict = inner.state_dict()
@@ -414,7 +405,7 @@ def _load_failure(path: Path, exc: BaseException) -> str:
         found = re.search(r"GLOBAL ([\w.]+)", text)
         what = f" ({found.group(1)})" if found else ""
         return f"it pickles Python objects{what}, not only tensors (a whole module? save its state_dict())"
-    return f"torch.load failed: {_first_line(exc)}"
+    return f"torch.load failed: {first_line(exc, typed=True)}"
 
 
 def _is_state_dict(value: Any) -> bool:
@@ -527,5 +518,7 @@ def _build_from_state_dict(
     try:
         net.load_state_dict(state_dict, strict=True)
     except RuntimeError as exc:
-        raise _SourceError(f"{where}the state dict does not load into {name}: {_first_line(exc)}") from exc
+        raise _SourceError(
+            f"{where}the state dict does not load into {name}: {first_line(exc, typed=True)}"
+        ) from exc
     return net, name

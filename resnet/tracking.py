@@ -25,7 +25,7 @@ from typing import Any
 import mlflow
 from mlflow.tracking import MlflowClient
 
-from resnet.errors import PipelineError
+from resnet.errors import PipelineError, first_line
 
 # MLflow narrates its own housekeeping at INFO ("Creating initial MLflow database tables..."); a stage's output
 # says what the stage did. Warnings and errors still show.
@@ -217,7 +217,11 @@ def start_stage_run(
 
 def check_reachable(tracking_uri: str, timeout: float = 10.0) -> None:
     """A tracking server that does not answer at all is one line within `timeout` s (MLflow's client would
-    retry for minutes first). Any HTTP answer counts: what it says is for the first real request."""
+    retry for minutes first). Any HTTP answer counts: what it says is for the first real request. A database
+    (postgresql://, mysql://, ...) gets one connection attempt."""
+    if tracking_uri.split("://", 1)[0].split("+", 1)[0] in _DATABASES:
+        _check_database(tracking_uri, timeout)
+        return
     if not tracking_uri.startswith(("http://", "https://")):
         return
     try:
@@ -230,6 +234,33 @@ def check_reachable(tracking_uri: str, timeout: float = 10.0) -> None:
         raise PipelineError(
             f"MLflow at {redact(tracking_uri)}: no answer ({reason}): expected a tracking server there "
             "(MLFLOW_TRACKING_URI or mlflow.tracking_uri)"
+        ) from None
+
+
+_DATABASES = ("postgresql", "mysql", "mssql")
+
+
+def _check_database(uri: str, timeout: float) -> None:
+    """MLflow retries a database it cannot connect to for ~100 s, warning each time; one attempt here."""
+    import sqlalchemy
+
+    timeouts = {"connect_timeout": int(timeout)} if uri.startswith(("postgresql", "mysql")) else {}
+    try:
+        engine = sqlalchemy.create_engine(uri, connect_args=timeouts)
+        try:
+            with engine.connect():
+                pass
+        finally:
+            engine.dispose()
+    except ImportError as exc:
+        raise PipelineError(
+            f"MLflow's database {redact(uri)} needs a driver: {exc.name} is not installed"
+        ) from None
+    except sqlalchemy.exc.SQLAlchemyError as exc:
+        reason = first_line(getattr(exc, "orig", None) or exc)
+        raise PipelineError(
+            f"MLflow's database at {redact(uri)}: cannot connect ({redact(reason)}): expected its "
+            "address, user and password in mlflow.tracking_uri or MLFLOW_TRACKING_URI"
         ) from None
 
 
@@ -251,8 +282,7 @@ def tracking_error(tracking_uri: str, exc: mlflow.exceptions.MlflowException) ->
             f"{where} failed the stage's requests ({failed[1] or failed[2]}, a server error, after retries): "
             "expected a working tracking server (its own log says what failed)"
         )
-    first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-    return f"{where}: {redact(first)[:300]}"
+    return f"{where}: {redact(first_line(exc))[:300]}"
 
 
 @contextlib.contextmanager

@@ -32,7 +32,7 @@ from urllib.parse import urlsplit
 
 import torch
 
-from resnet.errors import PipelineError
+from resnet.errors import PipelineError, first_line, one_line
 
 __all__ = [
     "BASE_URL",
@@ -184,16 +184,16 @@ def download_state_dict_from(
     except RuntimeError as exc:
         if "invalid hash value" in str(exc):
             raise WeightsError(
-                f"{url}: the downloaded file does not match the sha256 prefix in its name ({_one_line(exc)}); "
+                f"{url}: the downloaded file does not match the sha256 prefix in its name ({one_line(exc)}); "
                 f"the server does not serve torchvision's {name}; nothing was cached"
             ) from exc
         if cached.is_file():
             raise _unreadable(cached, exc) from exc
-        raise WeightsError(f"cannot download {url}: {_one_line(exc)}; {_offline_hint(name)}") from exc
+        raise WeightsError(f"cannot download {url}: {one_line(exc)}; {_offline_hint(name)}") from exc
     except Exception as exc:  # e.g. pickle.UnpicklingError from the weights_only load of the cached file
         if cached.is_file():
             raise _unreadable(cached, exc) from exc
-        raise WeightsError(f"cannot download {url}: {_one_line(exc)}; {_offline_hint(name)}") from exc
+        raise WeightsError(f"cannot download {url}: {one_line(exc)}; {_offline_hint(name)}") from exc
     if not isinstance(state_dict, dict) or not all(isinstance(v, torch.Tensor) for v in state_dict.values()):
         raise WeightsError(f"{cached}: not a state dict (downloaded from {url})")
     return state_dict
@@ -208,7 +208,7 @@ def _offline_hint(file_name: str) -> str:
 
 def _unreadable(cached: Path, exc: BaseException) -> WeightsError:
     return WeightsError(
-        f"{cached}: the cached weights cannot be loaded ({_first_line(exc)}); delete the file to download it again"
+        f"{cached}: the cached weights cannot be loaded ({first_line(exc, typed=True)}); delete the file to download it again"
     )
 
 
@@ -216,14 +216,5 @@ def _reason(exc: BaseException) -> str:
     if isinstance(exc, urllib.error.HTTPError):
         return f"HTTP {exc.code} {exc.reason}".strip()
     if isinstance(exc, urllib.error.URLError):
-        return _one_line(exc.reason)
-    return _one_line(exc) or type(exc).__name__
-
-
-def _one_line(value: object) -> str:
-    return " ".join(str(value).split())
-
-
-def _first_line(exc: BaseException) -> str:
-    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
-    return f"{type(exc).__name__}: {lines[0]}" if lines else type(exc).__name__
+        return one_line(exc.reason)
+    return one_line(exc) or type(exc).__name__

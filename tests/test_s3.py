@@ -305,6 +305,32 @@ def test_access_denied_for_a_read_only_identity(s3_server, s3_env, prefix, tmp_p
     assert_one_line(caught.value, f"s3://data/{prefix}/new.txt: access denied")
 
 
+def test_a_slow_endpoint_times_out_in_one_line_instead_of_hanging(aws_isolated):
+    """An endpoint that accepts the connection and never answers (an overloaded or half-dead server): the read
+    timeout ends the wait, one line says so. The timeout is shortened for the test (READ_TIMEOUT_S)."""
+    import socket
+
+    aws_isolated.setattr(s3, "READ_TIMEOUT_S", 1)
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen()  # accepts, never answers
+        url = f"http://127.0.0.1:{silent.getsockname()[1]}"
+        use_env(
+            aws_isolated,
+            {
+                "AWS_ENDPOINT_URL_S3": url,
+                "AWS_ACCESS_KEY_ID": "k",
+                "AWS_SECRET_ACCESS_KEY": "s",
+                "AWS_MAX_ATTEMPTS": "1",
+            },
+        )
+        started = time.monotonic()
+        with pytest.raises(DataError) as caught:
+            s3.list_objects("s3://data/images")
+    assert time.monotonic() - started < 10
+    assert_one_line(caught.value, f"s3://data/images: the S3 endpoint {url} did not answer within 1 s")
+
+
 def test_unreachable_endpoint_fails_fast(aws_isolated):
     from localservers import free_ports
 

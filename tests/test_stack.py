@@ -22,7 +22,7 @@ import pytest
 
 import resnet.stack as stack_module
 from resnet.errors import PipelineError
-from resnet.stack import BUCKETS, DEFAULT_PORTS, NODE_PROBE, Network, Stack, main
+from resnet.stack import BUCKETS, DEFAULT_PORTS, NODE_PROBE, Network, Stack, _postgres_driver, main
 
 ANY_PORT = dict.fromkeys(DEFAULT_PORTS, 0)
 
@@ -427,6 +427,28 @@ print(run.data.metrics["loss"], MlflowClient().download_artifacts(sys.argv[1], "
 """
 
 
+# A stage's tracking as a user who points the stages straight at MLflow's database, the password in the URI:
+# the stage's run (its config params, lineage tags), then the same with a wrong password.
+_DB_URI_STAGE = """
+import sys
+from resnet.config import parse_config
+from resnet.errors import PipelineError
+from resnet.lineage import record_lineage
+from resnet.tracking import start_stage_run
+
+right, wrong = sys.argv[1], sys.argv[2]
+cfg = parse_config({"mlflow": {"tracking_uri": right, "experiment": "db-uri"}})
+run = start_stage_run(cfg.mlflow, "evaluate", "0" * 16)
+record_lineage(run, cfg, "evaluate", [])
+run.end()
+print("RUN", run.run_id)
+try:
+    start_stage_run(parse_config({"mlflow": {"tracking_uri": wrong}}).mlflow, "evaluate", "0" * 16)
+except PipelineError as err:
+    print("REFUSED", err)
+"""
+
+
 @pytest.mark.integration
 def test_postgres_backend_holds_mlflows_runs_across_down_and_up(tmp_path):
     """`--backend postgres`: the stack's own PostgreSQL (run as an unprivileged user, on the stack's address)
@@ -461,6 +483,22 @@ def test_postgres_backend_holds_mlflows_runs_across_down_and_up(tmp_path):
                 command_lines.append(Path(f"/proc/{pid}/cmdline").read_bytes())
         assert command_lines and not [line for line in command_lines if db_password.encode() in line]
         assert db_password not in logged.stdout + read.stdout + (state / "env").read_text()
+        # The same password written by a user into a database URI (mlflow.tracking_uri) reaches none of the
+        # run's params and tags, nor what the stage printed; a wrong one is refused in one line without it.
+        dialect = f"postgresql+{_postgres_driver()}"
+        uri = f"{dialect}://mlflow:{db_password}@{stack.host}:{stack._port('postgres')}/mlflow"
+        wrong = "planted-" + db_password[::-1]
+        staged = _python(_DB_URI_STAGE, _client_env(), uri, uri.replace(db_password, wrong))
+        assert staged.returncode == 0, staged.stderr[-3000:]
+        said = staged.stdout + staged.stderr
+        assert db_password not in said and wrong not in said
+        (refused,) = [line for line in staged.stdout.splitlines() if line.startswith("REFUSED ")]
+        assert "password authentication failed" in refused, refused
+        from mlflow.tracking import MlflowClient
+
+        run = MlflowClient(uri).get_run(staged.stdout.split("RUN ")[1].split()[0])
+        assert run.data.params["mlflow.tracking_uri"] == uri.replace(db_password, "***")
+        assert db_password not in json.dumps([run.data.params, run.data.tags])
     finally:
         stack.down()
         shutil.rmtree(state, ignore_errors=True)

@@ -43,6 +43,24 @@ def test_a_server_that_never_answers_times_out_in_one_line():
     assert message.startswith(f"MLflow at {url}: no answer (") and "timed out" in message
 
 
+def test_a_database_that_cannot_be_reached_is_one_line_at_once_without_its_password():
+    """mlflow.tracking_uri naming a database directly: MLflow would retry for ~100 s, warning each time; the
+    stage says in one line, at once, which database it could not reach, its password masked."""
+    from localservers import free_ports
+
+    [closed] = free_ports(1)
+    uri = f"postgresql+psycopg2://mlflow:planted-s3cret@127.0.0.1:{closed}/mlflow"
+    started = time.monotonic()
+    with pytest.raises(PipelineError) as refused:
+        start_stage_run(MlflowConfig(tracking_uri=uri), "evaluate", "0" * 16)
+    assert time.monotonic() - started < 10
+    message = str(refused.value)
+    assert message.startswith(
+        f"MLflow's database at postgresql+psycopg2://mlflow:***@127.0.0.1:{closed}/mlflow: cannot connect ("
+    )
+    assert "Connection refused" in message and "planted-s3cret" not in message and "\n" not in message
+
+
 def test_stores_without_a_server_are_not_probed(tmp_path):
     for uri in (f"sqlite:///{tmp_path / 'mlflow.db'}", str(tmp_path / "mlruns"), "databricks"):
         check_reachable(uri)  # nothing to connect to, nothing raised

@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-from resnet.errors import DataError
+from resnet.errors import DataError, one_line
 from resnet.io import atomic_path
 from resnet.progress import progress
 
@@ -131,7 +131,7 @@ def _new_client() -> Any:
             )
         return client
     except (BotoCoreError, ValueError) as exc:
-        raise DataError(f"cannot set up the S3 client: {_one_line(exc)}") from exc
+        raise DataError(f"cannot set up the S3 client: {one_line(exc)}") from exc
 
 
 def _is_custom_endpoint(url: str) -> bool:
@@ -179,16 +179,18 @@ def _problem(exc: BaseException) -> str:
             return "access denied"
         if code == "InvalidBucketName":
             return "invalid bucket name"
-        message = _one_line(error.get("Message") or "")
+        message = one_line(error.get("Message") or "")
         return f"S3 error {code or status}" + (f": {message}" if message else "")
     if isinstance(exc, bx.NoCredentialsError):
         return "no AWS credentials found (set AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY or a profile)"
     if isinstance(exc, bx.PartialCredentialsError | bx.CredentialRetrievalError | bx.ProfileNotFound):
-        return f"AWS credentials unusable ({_one_line(exc)})"
+        return f"AWS credentials unusable ({one_line(exc)})"
     if isinstance(exc, bx.ConnectTimeoutError):
         return f"cannot reach the S3 endpoint {_endpoint(exc)} (connection timed out)"
     if isinstance(exc, bx.SSLError):
-        return f"cannot reach the S3 endpoint {_endpoint(exc)} (TLS failed: {_one_line(exc.kwargs.get('error'))})"
+        return (
+            f"cannot reach the S3 endpoint {_endpoint(exc)} (TLS failed: {one_line(exc.kwargs.get('error'))})"
+        )
     if isinstance(exc, bx.ConnectionError):  # EndpointConnectionError, ProxyConnectionError
         return f"cannot reach the S3 endpoint {_endpoint(exc)}"
     if isinstance(exc, bx.ReadTimeoutError):
@@ -196,11 +198,11 @@ def _problem(exc: BaseException) -> str:
     if isinstance(exc, bx.ConnectionClosedError):
         return f"the S3 endpoint {_endpoint(exc)} closed the connection"
     if isinstance(exc, bx.ResponseStreamingError | bx.IncompleteReadError):
-        return f"the download broke off ({_one_line(exc)})"
+        return f"the download broke off ({one_line(exc)})"
     if isinstance(exc, bx.FlexibleChecksumError | bx.ChecksumError):
         return "the object arrived corrupted (checksum mismatch)"
     if isinstance(exc, bx.BotoCoreError):
-        return _one_line(exc)
+        return one_line(exc)
     # boto3's transfer wrappers: the botocore error they replace
     inner = getattr(exc, "last_exception", None) or exc.__cause__ or exc.__context__
     if inner is not None and type(exc).__module__.startswith(("boto3", "s3transfer")):
@@ -209,7 +211,7 @@ def _problem(exc: BaseException) -> str:
         return str(exc)
     if isinstance(exc, OSError) and exc.strerror:
         return f"{exc.strerror}: {exc.filename}" if exc.filename else exc.strerror
-    return f"{type(exc).__name__}: {_one_line(exc)}"
+    return f"{type(exc).__name__}: {one_line(exc)}"
 
 
 def _endpoint(exc: Exception) -> str:
@@ -217,10 +219,6 @@ def _endpoint(exc: Exception) -> str:
     url = getattr(exc, "kwargs", {}).get("endpoint_url") or ""
     parts = urlsplit(str(url))
     return f"{parts.scheme}://{parts.netloc}" if parts.netloc else str(url) or "(unknown)"
-
-
-def _one_line(value: object) -> str:
-    return " ".join(str(value).split())
 
 
 def _data_error(exc: BaseException, uri: str) -> DataError:
