@@ -39,8 +39,12 @@ lint: sync
 	$(UV) run --frozen ruff check .
 	$(UV) run --frozen ruff format --check .
 
+# Two pytest workers: one runs the tests on the session's Ray cluster, the other those on the local stack, the
+# rest go to whichever is free (tests/conftest.py, GROUPS). TEST_WORKERS=0 runs them in this process.
+TEST_WORKERS ?= 2
+
 test: lint chromium
-	$(UV) run --frozen pytest
+	$(UV) run --frozen pytest -n $(TEST_WORKERS) --dist loadgroup
 
 test-fast: lint
 	$(UV) run --frozen pytest -m "not integration"
