@@ -19,17 +19,29 @@ REPO = Path(__file__).resolve().parent.parent
 GROUPS = {"local_stack": "stack", "ray_address": "ray"}
 
 
-@pytest.hookimpl(tryfirst=True)  # before xdist's own hook reads the groups
+def pytest_itemcollected(item: pytest.Item) -> None:
+    """Each test using a cluster is marked with its group (GROUPS), as it is collected: before any
+    `pytest_collection_modifyitems`, where xdist reads the groups."""
+    groups = {GROUPS[name] for name in getattr(item, "fixturenames", ()) if name in GROUPS}
+    assert len(groups) <= 1, f"{item.nodeid} uses both clusters: give it one group"
+    for group in groups:
+        item.add_marker(pytest.mark.xdist_group(group))
+
+
+def pytest_collection_finish(session: pytest.Session) -> None:
+    """Under `--dist loadgroup`, xdist sends a group's tests to one worker by the group it appends to their ids:
+    without it, each worker would start both clusters and every session fixture."""
+    if session.config.getvalue("loadgroup"):
+        for item in session.items:
+            for mark in item.iter_markers("xdist_group"):
+                if not item.nodeid.endswith(f"@{mark.args[0]}"):
+                    raise pytest.UsageError(f"{item.nodeid}: xdist did not group it as {mark.args[0]!r}")
+
+
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     """The tests on the local stack run last, in their order: once up, its processes stay up to the end of the
-    session, taking a few percent of the CPU from every test after them. Each test using a cluster is marked
-    with its group (GROUPS)."""
+    session, taking a few percent of the CPU from every test after them."""
     items.sort(key=lambda item: "local_stack" in getattr(item, "fixturenames", ()))
-    for item in items:
-        groups = {GROUPS[name] for name in getattr(item, "fixturenames", ()) if name in GROUPS}
-        assert len(groups) <= 1, f"{item.nodeid} uses both clusters: give it one group"
-        for group in groups:
-            item.add_marker(pytest.mark.xdist_group(group))
 
 
 @pytest.fixture(scope="session")
