@@ -31,7 +31,7 @@ def pytest_itemcollected(item: pytest.Item) -> None:
 def pytest_collection_finish(session: pytest.Session) -> None:
     """Under `--dist loadgroup`, xdist sends a group's tests to one worker by the group it appends to their ids:
     without it, each worker would start both clusters and every session fixture."""
-    if session.config.getvalue("loadgroup"):
+    if getattr(session.config.option, "loadgroup", False):  # set in xdist's workers only
         for item in session.items:
             for mark in item.iter_markers("xdist_group"):
                 if not item.nodeid.endswith(f"@{mark.args[0]}"):

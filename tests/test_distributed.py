@@ -48,6 +48,22 @@ def _train_workers(ray_address: str) -> list:
     )
 
 
+def _train_worker_pids() -> list[int]:
+    """The Train workers of this session's Ray cluster, by their process titles among its raylet's children:
+    found at once, where the state API (through the dashboard) can take seconds on a busy machine, long enough
+    for a run of 1-second epochs to end before the kill lands."""
+    import psutil
+    import ray
+
+    raylet = ray._private.worker._global_node.all_processes["raylet"][0].process.pid  # no public API
+    pids = []
+    for child in psutil.Process(raylet).children():
+        with contextlib.suppress(psutil.NoSuchProcess):
+            if " ".join(child.cmdline()).startswith("ray::RayTrainWorker"):
+                pids.append(child.pid)
+    return pids
+
+
 KILLS = 3
 KILLED_EPOCHS = 7
 # A run that lost workers three times ends where an uninterrupted run with the same seed ends, to this absolute
@@ -133,9 +149,9 @@ def test_a_worker_killed_three_times_while_mlflow_is_away_loses_no_epoch_and_end
         for kill in range(KILLS):
             wait_for(lambda f=floor: lines.registered() > f, 120, f"an epoch after {floor}")
             time.sleep(randomly.uniform(0.05, 0.35) * epoch_s)
-            workers = _train_workers(ray_address)
-            assert len(workers) == 2
-            victims.append(workers[randomly.randrange(2)].pid)
+            workers = _train_worker_pids()
+            assert len(workers) == 2, workers
+            victims.append(sorted(workers)[randomly.randrange(2)])
             os.kill(victims[-1], signal.SIGKILL)
             time.sleep(1)  # a registration already on its way when the worker died
             floor = lines.registered()
