@@ -131,6 +131,7 @@ def test_a_worker_killed_three_times_while_mlflow_is_away_loses_no_epoch_and_end
 
     randomly = random.Random(os.environ.get("RESNET_KILL_SEED", "14"))
     server = MlflowServer(f"sqlite:///{tmp_path / 'mlflow.db'}", tmp_path).start()
+    lines = None
     try:
         run = start_run(server.url, "resnet-pipeline", "killed", root=tmp_path)
         progress = ProgressPrinter()
@@ -208,6 +209,8 @@ def test_a_worker_killed_three_times_while_mlflow_is_away_loses_no_epoch_and_end
             stored_ms = (Path(checkpoint.path) / "state.pt").stat().st_mtime * 1000
             assert logged_at[metrics["epoch"]] >= stored_ms - 1, (metrics["epoch"], stored_ms)
     finally:
+        if lines is not None:  # its thread reads the queue actor: left running, it warns into a later test
+            lines.close()
         server.stop()
 
     # The same seed without a kill ends at the same place.
