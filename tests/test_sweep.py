@@ -189,11 +189,11 @@ def _files(directory: Path) -> dict[str, float]:
     return {str(p.relative_to(directory)): p.stat().st_mtime for p in directory.rglob("*") if p.is_file()}
 
 
-def _sweep_runs(tracking_uri: str, experiment: str = "resnet-pipeline"):
+def _sweep_runs(work: Path):
     from mlflow.tracking import MlflowClient
 
-    client = MlflowClient(tracking_uri)
-    experiment = client.get_experiment_by_name(experiment)
+    client = MlflowClient(f"sqlite:///{work / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name("resnet-pipeline")
     runs = client.search_runs([experiment.experiment_id])
     parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
     children = [r for r in runs if "mlflow.parentRunId" in r.data.tags]
@@ -303,7 +303,7 @@ def test_a_sweep_driver_killed_twice_resumes_finished_trials_kept_unfinished_con
 
     # MLflow: the sweep's run was reopened (one parent), each trial has one child run (the interrupted ones
     # were reopened too) with one curve point per epoch, and each resume is recorded where it happened.
-    client, parents, children = _sweep_runs(env["MLFLOW_TRACKING_URI"])
+    client, parents, children = _sweep_runs(tmp_path)
     assert len(parents) == 1 and parents[0].info.status == "FINISHED"
     assert (
         parents[0].data.tags["tune.resumed"] == "True" and parents[0].data.params["tune.search"] == "optuna"
@@ -385,7 +385,7 @@ def test_asha_stops_trials_that_fall_behind_with_state_and_checkpoints_in_s3(
         ("1e-07", "1", "True"),
         ("1e-07", "1", "True"),
     ]
-    client, _, children = _sweep_runs(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    client, _, children = _sweep_runs(tmp_path)
     stopped = {c.data.tags["tune.trial_id"]: c.data.tags["tune.stopped_early"] for c in children}
     assert stopped == {row["trial_id"]: row["stopped_early"] for row in table}
     by_trial = {c.data.tags["tune.trial_id"]: c for c in children}
