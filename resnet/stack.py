@@ -209,11 +209,13 @@ def _session_members(sessions: set[int]) -> list[int]:
 
 
 def _start_time(pid: int) -> str | None:
-    """The kernel's start time of `pid` (tells a recorded process from a later one with the same pid)."""
+    """The kernel's start time of `pid` (tells a recorded process from a later one with the same pid); None
+    once it has exited, a zombie not yet collected included."""
     try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19]
-    except (OSError, IndexError):
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
         return None
+    return None if len(fields) < 20 or fields[0] == "Z" else fields[19]
 
 
 def _tail(path: Path, lines: int = 5) -> str:
@@ -937,7 +939,7 @@ class Stack:
         """Start one node and wait for `ray start`'s "Ray runtime started." (one after the other: nodes starting
         together on 2 busy cores miss Ray's own start-up timeouts)."""
         log = self.state_dir / f"{name}.log"
-        for attempt in (1, 2):
+        for attempt in (1, 2, 3):
             command, env = self._ray_command(name)
             offset = log.stat().st_size if log.exists() else 0
             self._spawn(name, command, env, log)
@@ -951,9 +953,11 @@ class Stack:
                 self._wait(name, f"Ray node {name} did not start", started)
                 return
             except PipelineError as error:
-                if attempt == 2:
+                if attempt == 3:
                     raise PipelineError(f"{error}: {_tail(log, 3)}") from None
-                # Once more on fresh ports: one the node was given may have been taken meanwhile.
+                # Again on fresh ports: one the node was given may have been taken meanwhile. Or, on 2 cores busy
+                # with training, the raylet gave up waiting 15 s for its dashboard agent's ports, and `ray start`
+                # after 30 s without the node registered (seen in CI: twice in a row, the third try started).
                 print(f"stack up: {name} did not start ({_tail(log, 1)}); starting it again", flush=True)
                 self._stop_sessions([name])
 
@@ -1002,7 +1006,11 @@ class Stack:
         i = max([self.workers, *numbers]) + 1
         if self.network_mode == "netns":
             self.net.add_namespace(i)
-        self._start_ray_node(f"ray-w{i}")
+        try:
+            self._start_ray_node(f"ray-w{i}")
+        except PipelineError:
+            self.restore_node(f"ray-w{i}")  # an added node that did not start leaves nothing behind
+            raise
         return f"ray-w{i}"
 
     def kill_node(self, name: str) -> None:

@@ -103,6 +103,12 @@ class _Lines:
         epochs = [int(m[1]) for line in self.lines if (m := re.match(r"pretrain epoch (\d+)/", line))]
         return max(epochs, default=0)
 
+    def resumed(self) -> list[int]:
+        """The epochs each new worker group resumed after, in order."""
+        return [
+            int(m[1]) for line in self.lines if (m := re.match(r"pretrain: resumed after epoch (\d+) ", line))
+        ]
+
     def close(self) -> list[str]:
         self.stop.set()
         self.thread.join(timeout=5)
@@ -133,21 +139,29 @@ def test_a_worker_killed_three_times_while_mlflow_is_away_loses_no_epoch_and_end
         thread = threading.Thread(target=lambda: outcome.update(result=trainer.fit()), daemon=True)
         thread.start()
 
-        wait_for(lambda: lines.registered() >= 1, 180, "the first epoch")
+        # Epoch 1 is logged after Ray Train registers it: on a busy machine, after its progress line arrives.
+        client = MlflowClient(server.url)
+        wait_for(
+            lambda: client.get_metric_history(run.run_id, "train_loss"), 180, "the first epoch in MLflow"
+        )
         server.stop()  # away for epochs 2 and 3
         first_seen = time.monotonic()
         wait_for(lambda: lines.registered() >= 2, 60, "the second epoch")
         epoch_s = time.monotonic() - first_seen
-        victims, floor = [], 1  # each kill waits until the running group registered an epoch past `floor`
+        victims = []
         for kill in range(KILLS):
-            wait_for(lambda f=floor: lines.registered() > f, 120, f"an epoch after {floor}")
+            # Each kill waits until the group started after the last one has registered an epoch of its own (on
+            # a busy machine, waiting a second after a kill could still land the next one in the same group).
+            def own_epoch(kill=kill) -> bool:
+                resumes = lines.resumed()
+                return len(resumes) == kill and lines.registered() > max(resumes, default=1)
+
+            wait_for(own_epoch, 120, f"an epoch of worker group {kill + 1}")
             time.sleep(randomly.uniform(0.05, 0.35) * epoch_s)
             workers = _train_worker_pids()
             assert len(workers) == 2, workers
             victims.append(sorted(workers)[randomly.randrange(2)])
             os.kill(victims[-1], signal.SIGKILL)
-            time.sleep(1)  # a registration already on its way when the worker died
-            floor = lines.registered()
             if kill == 1:
                 back_ms = time.time() * 1000
                 server.start()
@@ -185,7 +199,6 @@ def test_a_worker_killed_three_times_while_mlflow_is_away_loses_no_epoch_and_end
 
         # MLflow holds each epoch exactly once (a list, not a set: a duplicate would show), with the values of
         # the group that finished it; those kept while it was away carry the time they were measured.
-        client = MlflowClient(server.url)
         curve = sorted(
             client.get_metric_history(run.run_id, "train_loss"), key=lambda m: (m.step, m.timestamp)
         )

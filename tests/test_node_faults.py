@@ -75,26 +75,32 @@ def test_a_worker_node_killed_then_another_cut_off_mid_run_reschedules_and_compl
     stack = local_stack
     if stack.network_mode != "netns":
         pytest.skip("a node cut off needs the stack's network namespaces (root)")
-    added = [stack.add_worker(), stack.add_worker()]  # four worker nodes: two ranks, two to lose
-    by_ip = {
-        stack.net.worker_ip(int(name.removeprefix("ray-w"))): name for name in ("ray-w1", "ray-w2", *added)
-    }
-    alive = stack.nodes(want=len(by_ip) + 1, timeout=60)["nodes"]
-    names = {node["node_id"]: by_ip[node["ip"]] for node in alive if node["alive"] and not node["is_head"]}
-    assert sorted(names.values()) == sorted(by_ip.values())
-
     env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_", "AWS_", "MLFLOW_"))}
     env |= stack.node_env() | {"PYTHONUNBUFFERED": "1"}  # RAY_ADDRESS: the GCS
     log, run_dir = tmp_path / "driver.log", tmp_path / "ray" / "node-faults"
+    added: list[str] = []
     faulted: list[str] = []
-    with log.open("w") as out:
-        driver = subprocess.Popen(
-            [sys.executable, "-c", DRIVER, str(tiny_fractals), str(tmp_path / "ray"), str(EPOCHS)],
-            env=env,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-        )
-    try:
+    driver = None
+    try:  # whatever happens, the stack is left as the tests after this one expect it: its own two workers
+        for _ in range(2):  # four worker nodes: two ranks, two to lose
+            added.append(stack.add_worker())
+        by_ip = {
+            stack.net.worker_ip(int(name.removeprefix("ray-w"))): name
+            for name in ("ray-w1", "ray-w2", *added)
+        }
+        alive = stack.nodes(want=len(by_ip) + 1, timeout=180)["nodes"]
+        names = {
+            node["node_id"]: by_ip[node["ip"]] for node in alive if node["alive"] and not node["is_head"]
+        }
+        assert sorted(names.values()) == sorted(by_ip.values())
+
+        with log.open("w") as out:
+            driver = subprocess.Popen(
+                [sys.executable, "-c", DRIVER, str(tiny_fractals), str(tmp_path / "ray"), str(EPOCHS)],
+                env=env,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+            )
         wait_for(lambda: _registered(log) >= 1, 300, "the first epoch")
         first = _rank_nodes(run_dir, names)
         stack.kill_node(first[1])
@@ -111,7 +117,8 @@ def test_a_worker_node_killed_then_another_cut_off_mid_run_reschedules_and_compl
         faulted.append(second[1])
         assert driver.wait(timeout=600) == 0, log.read_text()[-4000:]
     finally:
-        driver.kill()
+        if driver is not None:
+            driver.kill()
         for name in dict.fromkeys(faulted + added):
             stack.restore_node(name)
         back = stack.nodes(want=stack.workers + 1, timeout=120)["nodes"]

@@ -140,6 +140,39 @@ def test_a_ray_node_that_does_not_start_is_started_again_on_fresh_ports(tmp_path
         stack._stop_sessions(["ray-head"])
 
 
+def test_a_ray_node_whose_ray_start_gives_up_is_started_again_at_once(tmp_path, monkeypatch, capsys):
+    """On cores busy with training, a raylet can give up waiting for its dashboard agent, and `ray start` exits
+    (seen in CI for a node added beside a training run, twice in a row): each exit is noticed at once, its
+    process not yet collected included, and the node gets a third try."""
+    import time
+
+    stack = Stack(tmp_path / "st", ports=ANY_PORT, timeout=60)
+    stack.state_dir.mkdir()
+    stack._choose_ports()
+    attempts = []
+
+    def command(name):
+        attempts.append(name)
+        if len(attempts) < 3:
+            gives_up = "The current node timed out during startup."
+            return [sys.executable, "-c", f"import sys; sys.exit({gives_up!r})"], {}
+        return [
+            sys.executable,
+            "-c",
+            f"import time; print({stack_module._RAY_STARTED!r}, flush=True); time.sleep(60)",
+        ], {}
+
+    monkeypatch.setattr(stack, "_ray_command", command)
+    began = time.monotonic()
+    try:
+        stack._start_ray_node("ray-w1")
+        assert len(attempts) == 3 and time.monotonic() - began < 20  # not a 60 s wait on an exited node
+        said = capsys.readouterr().out
+        assert said.count("stack up: ray-w1 did not start") == 2 and "timed out during startup" in said
+    finally:
+        stack._stop_sessions(["ray-w1"])
+
+
 # ---------------------------------------------------------------- integration: the session's stack
 
 
