@@ -99,6 +99,9 @@ _WORKER_PORTS = 100
 _MAX_RAY_TEMP = 36  # Ray's unix socket paths under --temp-dir must stay below 108 bytes
 _OBJECT_STORE = 400 * 1024**2
 _RAY_STARTED = "Ray runtime started."
+# Pauses before each further `ray start` of a node that did not start: three quick tries all failed in CI while
+# a training run held both cores; tries spread over a few minutes got through.
+_RAY_RETRY_PAUSES = (10.0, 30.0, 60.0)
 
 # Run with a node's environment: wait until `want` nodes are alive, print the node table as JSON.
 NODE_PROBE = """
@@ -939,7 +942,8 @@ class Stack:
         """Start one node and wait for `ray start`'s "Ray runtime started." (one after the other: nodes starting
         together on 2 busy cores miss Ray's own start-up timeouts)."""
         log = self.state_dir / f"{name}.log"
-        for attempt in (1, 2, 3):
+        for attempt, pause in enumerate((0, *_RAY_RETRY_PAUSES), start=1):
+            time.sleep(pause)
             command, env = self._ray_command(name)
             offset = log.stat().st_size if log.exists() else 0
             self._spawn(name, command, env, log)
@@ -953,11 +957,11 @@ class Stack:
                 self._wait(name, f"Ray node {name} did not start", started)
                 return
             except PipelineError as error:
-                if attempt == 3:
+                if attempt > len(_RAY_RETRY_PAUSES):
                     raise PipelineError(f"{error}: {_tail(log, 3)}") from None
                 # Again on fresh ports: one the node was given may have been taken meanwhile. Or, on 2 cores busy
-                # with training, the raylet gave up waiting 15 s for its dashboard agent's ports, and `ray start`
-                # after 30 s without the node registered (seen in CI: twice in a row, the third try started).
+                # with training, the raylet gave up waiting 15 s for its dashboard agent's ports (a fixed limit),
+                # and `ray start` after 30 s without the node registered.
                 print(f"stack up: {name} did not start ({_tail(log, 1)}); starting it again", flush=True)
                 self._stop_sessions([name])
 

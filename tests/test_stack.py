@@ -120,6 +120,7 @@ def test_listening_ports_come_from_below_the_ephemeral_range():
 
 def test_a_ray_node_that_does_not_start_is_started_again_on_fresh_ports(tmp_path, monkeypatch, capsys):
     """The first `ray start` hangs; the node is stopped and started once more with new ports."""
+    monkeypatch.setattr(stack_module, "_RAY_RETRY_PAUSES", (0.0,))
     stack = Stack(tmp_path / "st", ports=ANY_PORT, timeout=2)
     stack.state_dir.mkdir()
     stack._choose_ports()
@@ -143,9 +144,10 @@ def test_a_ray_node_that_does_not_start_is_started_again_on_fresh_ports(tmp_path
 def test_a_ray_node_whose_ray_start_gives_up_is_started_again_at_once(tmp_path, monkeypatch, capsys):
     """On cores busy with training, a raylet can give up waiting for its dashboard agent, and `ray start` exits
     (seen in CI for a node added beside a training run, twice in a row): each exit is noticed at once, its
-    process not yet collected included, and the node gets a third try."""
+    process not yet collected included, and the node is tried again (here without the pauses between tries)."""
     import time
 
+    monkeypatch.setattr(stack_module, "_RAY_RETRY_PAUSES", (0.0, 0.0))
     stack = Stack(tmp_path / "st", ports=ANY_PORT, timeout=60)
     stack.state_dir.mkdir()
     stack._choose_ports()
