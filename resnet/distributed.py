@@ -353,8 +353,9 @@ class EpochReporter(UserCallback):
 
     Logging here rather than in the worker is what makes each epoch appear exactly once in MLflow: a worker
     group that dies before its epoch is registered is restarted from the previous checkpoint and runs that
-    epoch again; had the worker logged it first, the curve would hold it twice. (A controller that dies between
-    the registration and the logging, with its driver, leaves that epoch out: docs/RELIABILITY.md, limits.)
+    epoch again; had the worker logged it first, the curve would hold it twice. A controller that died between
+    the registration and the logging (with its driver: a killed sweep) left that epoch out; the controller that
+    resumes the run logs it from Ray Train's record of the run's checkpoints (`_log_epochs_left_out`).
 
     An MLflow server that stops answering never stops training: each request fails at once (no minutes of
     retries), the epoch's metrics are kept, in order and with their own timestamps, and sent with the next
@@ -375,15 +376,43 @@ class EpochReporter(UserCallback):
         epoch, start = int(reported["epoch"]), int(reported.get("start_epoch", 0))
         if epoch <= self.last_epoch:
             return
+        resumed_run = self.last_epoch == 0 and start > 0  # begun by another controller, now gone
         self.last_epoch = epoch
         if start != self.start_epoch:  # a restarted worker group, or a resumed run
             self.start_epoch = start
             self._send(f"{self.stage}: resumed after epoch {start} from its last checkpoint")
+            if resumed_run and checkpoint is not None:
+                self._log_epochs_left_out(start, checkpoint)
             self._log({"resumed_from_epoch": start}, step=start)
         self._send(progress_line(self.stage, self.epochs, reported))
         self._log({k: v for k, v in reported.items() if k not in NOT_LOGGED}, step=epoch)
         if epoch >= self.epochs or reported.get("early_stopped"):
             self._deliver_the_rest()
+
+    def _log_epochs_left_out(self, start: int, checkpoint: Checkpoint) -> None:
+        """The epochs up to `start` that Ray Train registered for this run (those whose checkpoints it keeps)
+        and MLflow does not have: the previous controller died before logging them. Logged now, with the
+        metrics Ray Train recorded for them."""
+        if self.run is None:
+            return
+        from resnet.tracking import fail_fast
+
+        try:
+            record = ray.train.Result.from_path(os.path.dirname(checkpoint.path), checkpoint.filesystem)
+            with fail_fast():
+                logged = {m.step for m in self.run.client.get_metric_history(self.run.run_id, "train_loss")}
+        except Exception as exc:  # noqa: BLE001 -- whatever fails here, training goes on
+            log.warning("%s: could not check MLflow for epochs left out: %s", self.stage, exc)
+            return
+        registered = {int(metrics["epoch"]): metrics for _, metrics in record.best_checkpoints}
+        if record.metrics:
+            registered[int(record.metrics["epoch"])] = record.metrics
+        for epoch in sorted(set(registered) - logged):
+            if epoch <= start:
+                self._send(
+                    f"{self.stage}: epoch {epoch}, left out of MLflow when the run stopped, logged now"
+                )
+                self._log({k: v for k, v in registered[epoch].items() if k not in NOT_LOGGED}, step=epoch)
 
     def _log(self, metrics: dict[str, Any], step: int) -> None:
         if self.run is None:

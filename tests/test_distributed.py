@@ -226,6 +226,44 @@ def test_a_worker_killed_three_times_while_mlflow_is_away_loses_no_epoch_and_end
         assert reports[-1][key] == pytest.approx(final[key], abs=SAME_AS_UNINTERRUPTED), key
 
 
+def test_a_run_resumed_by_a_new_controller_logs_the_registered_epochs_mlflow_lacks(
+    ray_address, prepared, tmp_path
+):
+    """A sweep driver killed between Ray Train's registration of an epoch and its logging (the trial's
+    controller dies with it) left that epoch out of MLflow. Here the first two epochs run with nothing logged
+    at all; the run resumed by a new controller logs both, with the metrics Ray Train registered, then its own."""
+    from mlflow.tracking import MlflowClient
+
+    from resnet.config import AugmentConfig, PretrainConfig, RayConfig
+    from resnet.distributed import TrainJob, make_trainer, storage_path
+    from resnet.tracking import start_run
+
+    cfg = RayConfig(num_workers=1, checkpoints_to_keep=3, storage_path=str(tmp_path / "ray"))
+
+    def trainer(epochs: int, run=None):
+        job = TrainJob(
+            data_dir=str(prepared),
+            optim=PretrainConfig(epochs=epochs, batch_size=16, lr=0.05).model_dump(),
+            augment=AugmentConfig(crop_padding=0).model_dump(),
+            mlflow_run=run,
+        )
+        return make_trainer(job, cfg, name="left-out", storage=storage_path(cfg))
+
+    first = trainer(2).fit()
+    registered = {m["epoch"]: m["train_loss"] for _, m in first.best_checkpoints}
+    assert sorted(registered) == [1, 2]
+    run = start_run(f"sqlite:///{tmp_path / 'mlflow.db'}", "resnet-pipeline", "left-out", root=tmp_path)
+    resumed = trainer(3, run).fit()
+    assert resumed.error is None and resumed.metrics["start_epoch"] == 2
+    curve = sorted(
+        MlflowClient(run.tracking_uri).get_metric_history(run.run_id, "train_loss"), key=lambda m: m.step
+    )
+    assert [m.step for m in curve] == [1, 2, 3]
+    assert [m.value for m in curve] == pytest.approx(
+        [registered[1], registered[2], resumed.metrics["train_loss"]]
+    )
+
+
 def _write_params(path: Path, storage: str, epochs: int) -> None:
     params = {
         "pretrain": {"epochs": epochs, "batch_size": 16, "lr": 0.05},
