@@ -16,8 +16,8 @@ REPO = Path(__file__).resolve().parent.parent
 # cluster, the local stack) is in one group, run by one worker from start to end: the Ray tests first, then the
 # stack's (pytest_collection_modifyitems), each cluster started once. The other worker takes the rest. The two
 # clusters' tests once ran side by side, one group per worker: on 2 cores their training runs and node start-ups
-# starved each other past Ray's fixed limits (a raylet aborts when its dashboard agent is not up in 15 s, a
-# worker that does not register in 60 s is killed), and CI failed at random.
+# starved each other, past Ray's fixed limits (a raylet aborts when its dashboard agent is not up in 15 s) and
+# the tests' own (training that did not reach an epoch in minutes), and CI failed at random.
 CLUSTER_FIXTURES = ("ray_address", "local_stack")
 
 
