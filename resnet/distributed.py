@@ -346,6 +346,11 @@ def progress_line(stage: str, total_epochs: int, metrics: dict[str, float]) -> s
 NOT_LOGGED = ("epoch", "start_epoch", "early_stopped")
 
 
+def _curves(reported: dict[str, Any]) -> dict[str, Any]:
+    """What MLflow records of an epoch's reported metrics."""
+    return {k: v for k, v in reported.items() if k not in NOT_LOGGED}
+
+
 class EpochReporter(UserCallback):
     """Runs in the Ray Train controller once every rank has reported an epoch and its checkpoint is
     registered: logs rank 0's metrics to the MLflow run (step = epoch) and sends the epoch's progress line to
@@ -385,7 +390,7 @@ class EpochReporter(UserCallback):
                 self._log_epochs_left_out(start, checkpoint)
             self._log({"resumed_from_epoch": start}, step=start)
         self._send(progress_line(self.stage, self.epochs, reported))
-        self._log({k: v for k, v in reported.items() if k not in NOT_LOGGED}, step=epoch)
+        self._log(_curves(reported), step=epoch)
         if epoch >= self.epochs or reported.get("early_stopped"):
             self._deliver_the_rest()
 
@@ -412,7 +417,7 @@ class EpochReporter(UserCallback):
                 self._send(
                     f"{self.stage}: epoch {epoch}, left out of MLflow when the run stopped, logged now"
                 )
-                self._log({k: v for k, v in registered[epoch].items() if k not in NOT_LOGGED}, step=epoch)
+                self._log(_curves(registered[epoch]), step=epoch)
 
     def _log(self, metrics: dict[str, Any], step: int) -> None:
         if self.run is None:
