@@ -4,6 +4,8 @@ public transforms called image by image, mixup/cutmix targets, reproducibility, 
 from __future__ import annotations
 
 import math
+import subprocess
+import sys
 from types import SimpleNamespace
 
 import pytest
@@ -43,6 +45,18 @@ def test_defaults_are_random_crop_flip_over_255_without_the_slow_path(hflip, mon
     assert targets is labels
     # The generator advanced exactly as random_crop_flip alone advances it: the next epoch's crops are unchanged.
     assert torch.equal(generator.get_state(), expected_gen.get_state())
+
+
+def test_the_training_loop_and_crop_flip_alone_do_not_import_torchvision():
+    """torchvision (with the torch._dynamo it pulls in) costs seconds of CPU to import, in every Ray worker and
+    Train controller that unpickles the training loop: only the options that use its transforms load it."""
+    code = (
+        "import sys, resnet.distributed; from resnet.data.augment import BatchAugment; "
+        "BatchAugment(num_classes=10); assert 'torchvision' not in sys.modules; "
+        "BatchAugment(num_classes=10, random_erasing=0.5); assert 'torchvision' in sys.modules"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
 
 
 def test_no_crop_no_flip_is_the_image_over_255():

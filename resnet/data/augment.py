@@ -19,13 +19,15 @@ as float / 255, with no per-image loop and `generator` advanced exactly as befor
 from __future__ import annotations
 
 from collections import defaultdict
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
-from torchvision.transforms import v2
 
 from resnet.data.loading import random_crop_flip
+
+if TYPE_CHECKING:
+    from torchvision.transforms import v2
 
 POLICIES = ("none", "trivialaugment", "randaugment")
 # The attributes `BatchAugment.from_config` reads (the fields of the config's augment section).
@@ -98,6 +100,12 @@ class BatchAugment:
         self.cutmix_alpha = float(cutmix_alpha)
 
         self._policy: v2.TrivialAugmentWide | v2.RandAugment | None = None
+        self._erasing: v2.RandomErasing | None = None
+        self._mix: v2.Transform | None = None
+        if policy == "none" and self.random_erasing == 0 and self.mixup_alpha == 0 and self.cutmix_alpha == 0:
+            return  # crop and flip only: torchvision is not needed, nor imported (3 s of CPU in every Ray worker)
+        from torchvision.transforms import v2
+
         if policy == "trivialaugment":
             self._policy = v2.TrivialAugmentWide()
         elif policy == "randaugment":
@@ -179,7 +187,7 @@ class BatchAugment:
         names = tuple(space)
         bins = policy.num_magnitude_bins
         tables = {name: magnitudes(bins, height, width) for name, (magnitudes, _) in space.items()}
-        trivial = isinstance(policy, v2.TrivialAugmentWide)
+        trivial = self.policy == "trivialaugment"
         num_stages = 1 if trivial else policy.num_ops
 
         stages: list[dict[tuple[str, float], list[int]]] = [defaultdict(list) for _ in range(num_stages)]
