@@ -43,12 +43,12 @@ lint: sync
 	$(UV) run --frozen ruff check .
 	$(UV) run --frozen ruff format --check .
 
-# Two pytest workers: one runs the tests on the session's Ray cluster, the other those on the local stack, the
-# rest go to whichever is free (tests/conftest.py, GROUPS). TEST_WORKERS=0 runs them in this process.
+# Two pytest workers: one runs the tests on the session's Ray cluster, the other the rest, then those on the local
+# stack (tests/conftest.py, GROUPS: xdist hands out work in the order collected). TEST_WORKERS=0: one process.
 TEST_WORKERS ?= 2
 
 test: lint chromium
-	$(UV) run --frozen pytest -n $(TEST_WORKERS) --dist loadgroup
+	$(UV) run --frozen pytest -n $(TEST_WORKERS) --dist loadgroup --no-loadscope-reorder
 
 test-fast: lint
 	$(UV) run --frozen pytest -m "not integration"

@@ -12,20 +12,30 @@ import yaml
 REPO = Path(__file__).resolve().parent.parent
 
 
-# Under `pytest -n 2 --dist loadgroup` (what `make test` runs), every test on a cluster (the session's Ray
-# cluster, the local stack) is in one group, run by one worker from start to end: the Ray tests first, then the
-# stack's (pytest_collection_modifyitems), each cluster started once. The other worker takes the rest. The two
-# clusters' tests once ran side by side, one group per worker: on 2 cores their training runs and node start-ups
-# starved each other, past Ray's fixed limits (a raylet aborts when its dashboard agent is not up in 15 s) and
-# the tests' own (training that did not reach an epoch in minutes), and CI failed at random.
-CLUSTER_FIXTURES = ("ray_address", "local_stack")
+# Under `pytest -n 2 --dist loadgroup --no-loadscope-reorder` (what `make test` runs), the tests on the session's
+# Ray cluster are one group ("ray") and those on the local stack another ("stack"), each run by one worker, so
+# that each cluster starts once. xdist hands out work in collection order (pytest_collection_modifyitems): the
+# Ray group first, to one worker, for the whole run (its long pole); the unit tests and the other integration
+# tests to the other worker; the stack's group last, to the worker that ran those, so it starts once they are
+# done and runs beside the Ray group's second half, which alone kept 2 cores only 75% busy (single-process
+# stages, one-worker runs). Both groups from the start, beside the unit tests too, starved each other past Ray's
+# fixed limits (a raylet aborts when its dashboard agent is not up in 15 s) and the tests' own.
+GROUPS = {"ray_address": "ray", "local_stack": "stack"}
+
+
+def _cluster(item: pytest.Item) -> str | None:
+    """The group of a test on a cluster ("ray" or "stack"), None for any other test."""
+    groups = {group for fixture, group in GROUPS.items() if fixture in getattr(item, "fixturenames", ())}
+    if len(groups) > 1:
+        raise pytest.UsageError(f"{item.nodeid}: uses both clusters; each is started by one worker")
+    return groups.pop() if groups else None
 
 
 def pytest_itemcollected(item: pytest.Item) -> None:
-    """Each test using a cluster is marked with the group "clusters", as it is collected: before any
+    """Each test using a cluster is marked with its group as it is collected: before any
     `pytest_collection_modifyitems`, where xdist reads the groups."""
-    if any(name in CLUSTER_FIXTURES for name in getattr(item, "fixturenames", ())):
-        item.add_marker(pytest.mark.xdist_group("clusters"))
+    if group := _cluster(item):
+        item.add_marker(pytest.mark.xdist_group(group))
 
 
 def pytest_collection_finish(session: pytest.Session) -> None:
@@ -39,9 +49,9 @@ def pytest_collection_finish(session: pytest.Session) -> None:
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """The tests on the local stack run last, in their order: once up, its processes stay up to the end of the
-    session, taking a few percent of the CPU from every test after them."""
-    items.sort(key=lambda item: "local_stack" in getattr(item, "fixturenames", ()))
+    """The Ray cluster's tests first, the local stack's last (in one process too: once up, the stack's
+    processes stay up to the end of the session, taking a few percent of the CPU from every test after them)."""
+    items.sort(key=lambda item: {"ray": 0, None: 1, "stack": 2}[_cluster(item)])
 
 
 @pytest.fixture(scope="session")
