@@ -358,9 +358,9 @@ def test_a_sweep_driver_killed_twice_resumes_finished_trials_kept_unfinished_con
 def test_asha_stops_trials_that_fall_behind_with_state_and_checkpoints_in_s3(
     ray_address, target, tmp_path, s3_env
 ):
-    """Trials one at a time, the first learning (lr 0.05) and the next two not at all (lr 1e-7; tune.seed 1
-    draws them in that order): at the rung after epoch 1 each later trial is below the cutoff of those before
-    it, so ASHA stops both there, and the table, MLflow, the summary and the output say so.
+    """Trials one at a time, the first learning (lr 0.05) and the second not at all (lr 1e-7; tune.seed 1 draws
+    them in that order): at the rung after epoch 1 the second is below the cutoff of the first, so ASHA stops it
+    there, and the table, MLflow, the summary and the output say so.
     With `ray.storage_path: s3://…` on the S3 server: the Tune experiment and every trial's checkpoints are in the
     bucket, nothing is on local disk, and the best model is read back from there."""
     from resnet.data import s3
@@ -368,7 +368,7 @@ def test_asha_stops_trials_that_fall_behind_with_state_and_checkpoints_in_s3(
     params = _params(
         tmp_path,
         target["weights"],
-        num_samples=3,
+        num_samples=2,
         seed=1,
         max_concurrent_trials=1,
         asha={"grace_period": 1, "reduction_factor": 2},
@@ -383,7 +383,6 @@ def test_asha_stops_trials_that_fall_behind_with_state_and_checkpoints_in_s3(
     assert [(row["lr"], row["epochs_reported"], row["stopped_early"]) for row in table] == [
         ("0.05", "2", "False"),
         ("1e-07", "1", "True"),
-        ("1e-07", "1", "True"),
     ]
     client, _, children = _sweep_runs(tmp_path)
     stopped = {c.data.tags["tune.trial_id"]: c.data.tags["tune.stopped_early"] for c in children}
@@ -395,17 +394,17 @@ def test_asha_stops_trials_that_fall_behind_with_state_and_checkpoints_in_s3(
         assert sorted(m.step for m in curve) == list(range(1, int(row["epochs_run"]) + 1))
         assert int(row["epochs_run"]) in (int(row["epochs_reported"]), int(row["epochs_reported"]) + 1)
     summary = json.loads((tmp_path / "tune.json").read_text())
-    assert (summary["stopped_early"], summary["budget_epochs"]) == (2, 6)
-    assert summary["trial_epochs"] in (4, 5, 6)  # a stopped trial may finish the epoch in flight
+    assert (summary["stopped_early"], summary["budget_epochs"]) == (1, 4)
+    assert summary["trial_epochs"] in (3, 4)  # a stopped trial may finish the epoch in flight
     for row in table[1:]:
         assert f"tune: trial {row['trial_id']} epoch 1/2: val_acc" in output
         assert f"tune: trial {row['trial_id']} stopped by ASHA after epoch 1" in output
-    assert "tune: 3/3 trials done; best: 1. " + table[0]["trial_id"] in output
+    assert "tune: 2/2 trials done; best: 1. " + table[0]["trial_id"] in output
 
     keys = [key for key, _ in s3.list_objects("s3://ray/asha")]
     assert any(key.rsplit("/", 1)[-1].startswith("experiment_state") for key in keys)  # what a resume reads
     states = [key for key in keys if "-trainers/" in key and key.endswith("/state.pt")]
-    assert len({key.split("-trainers/")[1].split("/")[0] for key in states}) == 3  # every trial's run
+    assert len({key.split("-trainers/")[1].split("/")[0] for key in states}) == 2  # every trial's run
     assert not list(tmp_path.glob("**/checkpoint_*"))  # nothing on local disk
     best = json.loads((tmp_path / "models" / "best.json").read_text())
     assert best["checkpoint"].startswith("ray/asha/")  # a path in the bucket (on the S3 filesystem)
