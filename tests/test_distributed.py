@@ -64,19 +64,21 @@ KILLED_EPOCHS = 7
 SAME_AS_UNINTERRUPTED = 1e-4
 
 
-def _killable_trainer(name: str, prepared: Path, tmp_path: Path, run=None, progress=None):
+def _killable_trainer(
+    name: str, prepared: Path, tmp_path: Path, run=None, progress=None, epochs: int = KILLED_EPOCHS
+):
     from resnet.config import AugmentConfig, PretrainConfig, RayConfig
     from resnet.distributed import TrainJob, make_trainer, storage_path
 
     ray_cfg = RayConfig(
         num_workers=2,
         max_failures=KILLS,
-        checkpoints_to_keep=KILLED_EPOCHS,
+        checkpoints_to_keep=KILLED_EPOCHS + 1,  # every epoch: the straight run resumed for one more too
         storage_path=str(tmp_path / "ray"),
     )
     job = TrainJob(
         data_dir=str(prepared),
-        optim=PretrainConfig(epochs=KILLED_EPOCHS, batch_size=16, lr=0.05).model_dump(),
+        optim=PretrainConfig(epochs=epochs, batch_size=16, lr=0.05).model_dump(),
         augment=AugmentConfig(crop_padding=0).model_dump(),
         mlflow_run=run,
     )
@@ -121,7 +123,11 @@ def test_a_worker_killed_three_times_while_mlflow_is_away_loses_no_epoch_and_end
     """Three SIGKILLs of a DDP worker at random points of three epochs, and the MLflow server stopped for two
     epochs meanwhile: the run ends at its configured epoch, its checkpoints have no gap, MLflow's curve has every
     epoch once (the two kept while the server was away delivered when it came back, with their own times), the
-    outage is said once, and the final metrics equal an uninterrupted run's."""
+    outage is said once, and the final metrics equal an uninterrupted run's.
+
+    That uninterrupted run logs nothing to MLflow: so it stands, too, for a run whose Train controller died (with
+    a killed sweep driver) after Ray Train registered epochs and before they were logged. Resumed by a new
+    controller for one more epoch, it logs every registered epoch MLflow lacks, then its own."""
     from mlflow.tracking import MlflowClient
 
     from resnet.distributed import ProgressPrinter
@@ -225,42 +231,19 @@ def test_a_worker_killed_three_times_while_mlflow_is_away_loses_no_epoch_and_end
     for key in ("train_loss", "train_acc", "val_loss", "val_acc"):
         assert reports[-1][key] == pytest.approx(final[key], abs=SAME_AS_UNINTERRUPTED), key
 
-
-def test_a_run_resumed_by_a_new_controller_logs_the_registered_epochs_mlflow_lacks(
-    ray_address, prepared, tmp_path
-):
-    """A sweep driver killed between Ray Train's registration of an epoch and its logging (the trial's
-    controller dies with it) left that epoch out of MLflow. Here the first two epochs run with nothing logged
-    at all; the run resumed by a new controller logs both, with the metrics Ray Train registered, then its own."""
-    from mlflow.tracking import MlflowClient
-
-    from resnet.config import AugmentConfig, PretrainConfig, RayConfig
-    from resnet.distributed import TrainJob, make_trainer, storage_path
-    from resnet.tracking import start_run
-
-    cfg = RayConfig(num_workers=1, checkpoints_to_keep=3, storage_path=str(tmp_path / "ray"))
-
-    def trainer(epochs: int, run=None):
-        job = TrainJob(
-            data_dir=str(prepared),
-            optim=PretrainConfig(epochs=epochs, batch_size=16, lr=0.05).model_dump(),
-            augment=AugmentConfig(crop_padding=0).model_dump(),
-            mlflow_run=run,
-        )
-        return make_trainer(job, cfg, name="left-out", storage=storage_path(cfg))
-
-    first = trainer(2).fit()
-    registered = {m["epoch"]: m["train_loss"] for _, m in first.best_checkpoints}
-    assert sorted(registered) == [1, 2]
-    run = start_run(f"sqlite:///{tmp_path / 'mlflow.db'}", "resnet-pipeline", "left-out", root=tmp_path)
-    resumed = trainer(3, run).fit()
-    assert resumed.error is None and resumed.metrics["start_epoch"] == 2
+    # A new controller resumes it with an MLflow run: the registered epochs MLflow lacks are logged first, with
+    # the metrics Ray Train registered, then the new epoch.
+    registered = {m["epoch"]: m["train_loss"] for _, m in straight.best_checkpoints}
+    assert sorted(registered) == list(range(1, KILLED_EPOCHS + 1))
+    run = start_run(f"sqlite:///{tmp_path / 'resumed.db'}", "resnet-pipeline", "straight", root=tmp_path)
+    resumed = _killable_trainer("straight", prepared, tmp_path, run, epochs=KILLED_EPOCHS + 1).fit()
+    assert resumed.error is None and resumed.metrics["start_epoch"] == KILLED_EPOCHS
     curve = sorted(
         MlflowClient(run.tracking_uri).get_metric_history(run.run_id, "train_loss"), key=lambda m: m.step
     )
-    assert [m.step for m in curve] == [1, 2, 3]
+    assert [m.step for m in curve] == list(range(1, KILLED_EPOCHS + 2))
     assert [m.value for m in curve] == pytest.approx(
-        [registered[1], registered[2], resumed.metrics["train_loss"]]
+        [*(registered[epoch] for epoch in sorted(registered)), resumed.metrics["train_loss"]]
     )
 
 
