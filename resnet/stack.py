@@ -509,6 +509,7 @@ class Stack:
             "RAY_USAGE_STATS_ENABLED": "0",
             "RAY_ENABLE_UV_RUN_RUNTIME_ENV": "0",
             "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "0",
+            "RAY_LOG_MONITOR_MANY_FILES_THRESHOLD": "0",  # its log directory listed every 0.5 s (resnet/__init__.py)
             "MLFLOW_DISABLE_TELEMETRY": "true",
         }
         # The GCS declares a node dead after 5 health checks in a row unanswered: every second, 3 s each here

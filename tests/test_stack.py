@@ -337,6 +337,18 @@ def test_ray_nodes_alive_on_namespace_addresses(local_stack):
         assert [node["ip"] for node in alive if node["is_head"]] == [local_stack.host]
 
 
+def test_each_nodes_log_monitor_lists_its_logs_at_most_twice_a_second(local_stack):
+    """Every node's log monitor runs with resnet's default (resnet/__init__.py): it lists its log directory every
+    0.5 s rather than on each of its ten passes a second."""
+    monitors = {}
+    for pid in local_stack.processes():
+        with contextlib.suppress(OSError):  # a process that ended meanwhile
+            if b"log_monitor.py" in Path(f"/proc/{pid}/cmdline").read_bytes():
+                monitors[pid] = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+    assert len(monitors) == 3, monitors.keys()  # the head's and each worker's
+    assert all(b"RAY_LOG_MONITOR_MANY_FILES_THRESHOLD=0" in env for env in monitors.values())
+
+
 _WHERE = """
 import json, os
 import boto3, ray

@@ -18,7 +18,7 @@ import yaml
 from stagerun import REPO, run_stage_ok, stage_command, stage_env, wait_for
 
 SNAPSHOT = "checkpoint_manager_snapshot.json"  # Ray Train's record of a run's registered checkpoints
-EPOCHS = 12  # the killed sweep's trial length
+EPOCHS = 8  # the killed sweep's trial length
 
 
 # ---------------------------------------------------------------- helpers without a cluster
@@ -248,7 +248,7 @@ def test_a_sweep_driver_killed_twice_resumes_finished_trials_kept_unfinished_con
     ray_address, target, tmp_path
 ):
     # One trial at a time and no early stopping (grace period = the full length), so that when the driver is
-    # killed, the trials before have finished, one is mid-run, and the rest have not started. 12 epochs of
+    # killed, the trials before have finished, one is mid-run, and the rest have not started. 8 epochs of
     # ~0.5 s: each kill lands well inside a trial. Killed in the first trial, then (resumed: the first
     # continued to its end) in the second, which Optuna's TPE drew after the restore: its state (the study) is
     # restored with the sweep's.
