@@ -4,7 +4,7 @@ import os as _os
 
 # Process-wide defaults, set before any module of ours imports Ray or MLflow (both read them at import time).
 # An explicit setting in the environment wins.
-for _name, _value in {
+ENV_DEFAULTS = {
     "RAY_USAGE_STATS_ENABLED": "0",  # a pipeline sends no usage reports
     "MLFLOW_DISABLE_TELEMETRY": "true",
     # Under `uv run` Ray would make every worker `uv run` a copy of the working directory (data, checkpoints and
@@ -21,7 +21,8 @@ for _name, _value in {
     # files; with the logs of a few hundred workers that pass cost ~4% of a core on an idle node, 1.4% once it
     # lists every LOG_NAME_UPDATE_INTERVAL_S (0.5 s), as it does above that many. New logs are found within 0.5 s.
     "RAY_LOG_MONITOR_MANY_FILES_THRESHOLD": "0",
-}.items():
+}
+for _name, _value in ENV_DEFAULTS.items():
     _os.environ.setdefault(_name, _value)
 
 __version__ = "0.1.0"

@@ -63,9 +63,16 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
+from resnet import ENV_DEFAULTS
 from resnet.errors import PipelineError
 
 BUCKETS = ("data", "dvc", "mlflow", "ray")
+NODE_DEFAULTS = (
+    "RAY_USAGE_STATS_ENABLED",
+    "RAY_ENABLE_UV_RUN_RUNTIME_ENV",
+    "RAY_LOG_MONITOR_MANY_FILES_THRESHOLD",
+    "MLFLOW_DISABLE_TELEMETRY",
+)
 DVC_REMOTE = "s3://dvc/store"
 RAY_STORAGE = "s3://ray/runs"
 MLFLOW_ARTIFACTS = "s3://mlflow/artifacts"
@@ -504,14 +511,9 @@ class Stack:
         """Every Ray node's environment: the client env (credentials, S3 and MLflow addresses) with RAY_ADDRESS
         the GCS (Ray's own processes that look their cluster up find this one, not another on the machine)."""
         env = self._base_env() | self.env()
-        env |= {
-            "RAY_ADDRESS": self.urls()["ray_gcs"],
-            "RAY_USAGE_STATS_ENABLED": "0",
-            "RAY_ENABLE_UV_RUN_RUNTIME_ENV": "0",
-            "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "0",
-            "RAY_LOG_MONITOR_MANY_FILES_THRESHOLD": "0",  # its log directory listed every 0.5 s (resnet/__init__.py)
-            "MLFLOW_DISABLE_TELEMETRY": "true",
-        }
+        # resnet's process defaults that Ray's and MLflow's own processes on a node read (_base_env dropped them).
+        env |= {name: ENV_DEFAULTS[name] for name in NODE_DEFAULTS}
+        env |= {"RAY_ADDRESS": self.urls()["ray_gcs"], "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "0"}
         # The GCS declares a node dead after 5 health checks in a row unanswered: every second, 3 s each here
         # (Ray's defaults, every 3 s and 10 s each, leave a node cut off running its part for over a minute before
         # its work is rescheduled).
