@@ -77,7 +77,11 @@ def ray_address(tmp_path_factory, s3_server) -> str:
     """A local Ray cluster started by this test session (dashboard on 127.0.0.1, as Tune needs on 2 CPUs);
     stages run as subprocesses join it through RAY_ADDRESS, exactly as they would join a real cluster. Its
     node holds the test S3 server's keys in its own environment, as a real cluster's nodes hold theirs (a
-    driver never forwards credentials to workers)."""
+    driver never forwards credentials to workers).
+
+    Its Train runs start no preemption watcher (an actor per run, ~3 core-seconds of a busy 2-core machine,
+    benchmarks/RESULTS.md): no test drains one of its nodes, and the pipeline keeps Ray's default on every
+    other cluster (the local stack's included)."""
     import ray
 
     import resnet  # noqa: F401  (sets Ray's environment defaults before Ray is imported)
@@ -85,6 +89,7 @@ def ray_address(tmp_path_factory, s3_server) -> str:
     with pytest.MonkeyPatch.context() as node_env:  # the node's processes inherit this process's environment
         for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
             node_env.setenv(name, s3_server.env()[name])
+        node_env.setenv("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
         ray.init(num_cpus=2, include_dashboard=True, dashboard_host="127.0.0.1", log_to_driver=False)
     try:
         yield ray.get_runtime_context().gcs_address

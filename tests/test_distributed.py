@@ -24,8 +24,6 @@ import yaml
 from localservers import MlflowServer
 from stagerun import stage_command, stage_env, wait_for
 
-pytestmark = pytest.mark.integration
-
 EPOCHS = 5
 SNAPSHOT = "checkpoint_manager_snapshot.json"  # Ray Train's record of a run's registered checkpoints
 
@@ -56,6 +54,15 @@ def _train_worker_pids() -> list[int]:
     return pids
 
 
+def _actors_of_this_driver(class_name: str) -> list:
+    """The actors of `class_name` this test process's Ray job created, alive or dead (the state API)."""
+    import ray
+    from ray.util.state import list_actors
+
+    job = ray.get_runtime_context().get_job_id()
+    return list_actors(filters=[("class_name", "=", class_name), ("job_id", "=", job)], detail=True)
+
+
 KILLS = 3
 KILLED_EPOCHS = 7
 # A run that lost workers three times ends where an uninterrupted run with the same seed ends, to this absolute
@@ -83,6 +90,24 @@ def _killable_trainer(
         mlflow_run=run,
     )
     return make_trainer(job, ray_cfg, name=name, storage=storage_path(ray_cfg), progress=progress)
+
+
+def test_only_a_run_with_ray_datasets_gets_ray_trains_datasets_callback(tmp_path):
+    """`Trainer` leaves out Ray Train's DatasetsCallback (which starts a DatasetManager actor) for a run of the
+    memory loader, and only it: otherwise the callbacks are Ray Train's own, in its order; a run of the ray_data
+    loader keeps it. (A run without it starts no DatasetManager: the worker-kill test below.)"""
+    from resnet.config import AugmentConfig, PretrainConfig, RayConfig
+    from resnet.distributed import TrainJob, make_trainer, storage_path
+
+    cfg = RayConfig(storage_path=str(tmp_path / "ray"))
+    names = {}
+    for loader in ("memory", "ray_data"):
+        optim = PretrainConfig(epochs=2, loader=loader).model_dump()
+        job = TrainJob(data_dir=str(tmp_path), optim=optim, augment=AugmentConfig().model_dump())
+        trainer = make_trainer(job, cfg, name=loader, storage=storage_path(cfg))
+        names[loader] = [type(callback).__name__ for callback in trainer._create_default_callbacks()]
+    assert "DatasetsCallback" in names["ray_data"]
+    assert names["memory"] == [name for name in names["ray_data"] if name != "DatasetsCallback"]
 
 
 class _Lines:
@@ -117,6 +142,7 @@ class _Lines:
         return self.lines
 
 
+@pytest.mark.integration
 def test_a_worker_killed_three_times_while_mlflow_is_away_loses_no_epoch_and_ends_as_an_uninterrupted_run(
     ray_address, prepared, tmp_path
 ):
@@ -230,6 +256,11 @@ def test_a_worker_killed_three_times_while_mlflow_is_away_loses_no_epoch_and_end
     final = max((metrics for _, metrics in straight.best_checkpoints), key=lambda m: m["epoch"])
     for key in ("train_loss", "train_acc", "val_loss", "val_acc"):
         assert reports[-1][key] == pytest.approx(final[key], abs=SAME_AS_UNINTERRUPTED), key
+    # Neither run has Ray Datasets, so neither started Ray Data's DatasetManager (nor did any other run of this
+    # driver: the session's in-process runs, all of the memory loader); nor a preemption watcher, off on the
+    # session's cluster (tests/conftest.py).
+    assert _actors_of_this_driver("DatasetManager") == []
+    assert _actors_of_this_driver("PreemptionWatcher") == []
 
     # A new controller resumes it with an MLflow run: the registered epochs MLflow lacks are logged first, with
     # the metrics Ray Train registered, then the new epoch.
@@ -266,6 +297,7 @@ def _pretrain_command(work: Path, data: Path) -> list[str]:
     return stage_command("pretrain", work, data, out="models", metrics="metrics.json")
 
 
+@pytest.mark.integration
 def test_a_stopped_pretrain_stage_resumes_its_run_from_s3_when_started_again(
     ray_address, prepared, tmp_path, repo_root, s3_server, s3_env
 ):
