@@ -80,6 +80,8 @@ MLFLOW_ADMIN = "admin"  # the MLflow server's user (basic auth); its password is
 REGION = "us-east-1"
 HEALTH_TIMEOUT = 180.0  # seconds per service: MLflow alone takes 15-60 s on a slow 2-core machine
 # the user-facing ports: preferred values, else any free port
+# How long an MLflow server worker keeps a password it checked (MLflow's auth_cache_ttl_seconds; 0: off).
+AUTH_CACHE_S = 60
 DEFAULT_PORTS = {"s3": 8333, "mlflow": 5000, "postgres": 5432, "gcs": 6379, "dashboard": 8265}
 LOOPBACK = "127.0.0.1"
 
@@ -865,7 +867,10 @@ class Stack:
         ]
         # MLflow's basic-auth app: every request but /health needs a user; the admin is made on the first start
         # with the generated password (then kept in its user store: mlflow-auth.db, or the mlflow_auth database
-        # on PostgreSQL); nobody else has any right.
+        # on PostgreSQL); nobody else has any right. Each request's password check is a scrypt hash, ~0.15 s of
+        # CPU by design: a server worker keeps a checked password (by an HMAC under a per-process key, never the
+        # password) for AUTH_CACHE_S. A password changed through the API takes effect at once on the worker that
+        # changed it, on the other within AUTH_CACHE_S.
         auth = self.state_dir / "mlflow-auth.ini"
         _write_private(
             auth,
@@ -874,7 +879,8 @@ class Stack:
             f"database_uri = {users}\n"
             f"admin_username = {MLFLOW_ADMIN}\n"
             f"admin_password = {keys['mlflow_password']}\n"
-            "authorization_function = mlflow.server.auth:authenticate_request_basic_auth\n",
+            "authorization_function = mlflow.server.auth:authenticate_request_basic_auth\n"
+            f"auth_cache_ttl_seconds = {AUTH_CACHE_S}\n",
         )
         env = self._base_env() | {
             "MLFLOW_AUTH_CONFIG_PATH": str(auth),

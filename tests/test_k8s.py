@@ -22,6 +22,8 @@ from urllib.parse import urlparse
 import pytest
 import yaml
 
+from resnet.stack import AUTH_CACHE_S
+
 ROOT = Path(__file__).resolve().parents[1]
 K8S = ROOT / "infra" / "k8s"
 NAMESPACE = "resnet-pipeline"
@@ -550,6 +552,7 @@ def test_mlflow_needs_a_user_and_the_pipelines_pods_have_one():
     auth = ini["mlflow"]
     assert auth["default_permission"] == "NO_PERMISSIONS"
     assert auth["authorization_function"] == "mlflow.server.auth:authenticate_request_basic_auth"
+    assert auth.getint("auth_cache_ttl_seconds") == AUTH_CACHE_S  # as the local stack's server
     users = urlparse(auth["database_uri"])
     assert users.password is None and users.hostname == one("Service", "postgres")["metadata"]["name"]
     made = one("ConfigMap", "postgres-init")["data"]

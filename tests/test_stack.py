@@ -230,12 +230,16 @@ def _mlflow_user(stack) -> dict[str, str]:
 
 
 @pytest.mark.integration
-def test_the_mlflow_server_refuses_requests_without_its_user(local_stack):
+def test_the_mlflow_server_refuses_requests_without_its_user(local_stack, monkeypatch):
     """MLflow's basic-auth app: the API and the UI answer 401 without the user or with a wrong password; with
-    the stack's user a client works (MLFLOW_TRACKING_USERNAME/PASSWORD, as the pipeline's stages use them)."""
+    the stack's user a client works (MLFLOW_TRACKING_USERNAME/PASSWORD, as the pipeline's stages use them).
+    The server keeps the passwords it checked for AUTH_CACHE_S (MLflow reads that from the stack's file), and a
+    wrong one is still refused after the right one was accepted."""
     import base64
 
-    from resnet.stack import _http_status
+    from mlflow.server.auth.config import read_auth_config
+
+    from resnet.stack import AUTH_CACHE_S, _http_status
 
     user = _mlflow_user(local_stack)
     url = f"{user['MLFLOW_TRACKING_URI']}/api/2.0/mlflow/experiments/get-by-name?experiment_name=Default"
@@ -248,6 +252,11 @@ def test_the_mlflow_server_refuses_requests_without_its_user(local_stack):
     assert _http_status(url, basic("not-the-password")) == 401
     assert _http_status(url, basic(user["MLFLOW_TRACKING_PASSWORD"])) == 200
     assert _http_status(f"{user['MLFLOW_TRACKING_URI']}/health") == 200  # what probes ask, unprotected
+    monkeypatch.setenv("MLFLOW_AUTH_CONFIG_PATH", str(local_stack.state_dir / "mlflow-auth.ini"))
+    assert read_auth_config().auth_cache_ttl_seconds == AUTH_CACHE_S > 0
+    for _ in range(4):  # whichever of the server's two workers answers
+        assert _http_status(url, basic(user["MLFLOW_TRACKING_PASSWORD"])) == 200
+        assert _http_status(url, basic(user["MLFLOW_TRACKING_PASSWORD"] + "x")) == 401
     anonymous = _python(_MLFLOW_CLIENT, _client_env(MLFLOW_TRACKING_URI=user["MLFLOW_TRACKING_URI"]))
     assert anonymous.returncode != 0 and "401" in anonymous.stderr, anonymous.stderr[-2000:]
     assert user["MLFLOW_TRACKING_PASSWORD"] not in anonymous.stderr
@@ -337,6 +346,7 @@ def test_ray_nodes_alive_on_namespace_addresses(local_stack):
         assert [node["ip"] for node in alive if node["is_head"]] == [local_stack.host]
 
 
+@pytest.mark.integration
 def test_each_nodes_log_monitor_lists_its_logs_at_most_twice_a_second(local_stack):
     """Every node's log monitor runs with resnet's default (resnet/__init__.py): it lists its log directory every
     0.5 s rather than on each of its ten passes a second."""
