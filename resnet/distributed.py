@@ -618,7 +618,7 @@ class Trainer(TorchTrainer):
 
     Ray Train (2.60) gives every run a DatasetManager actor, datasets or not: a process of its own that imports
     Ray Data, ~3 core-seconds for nothing in a run of the `memory` loader, and one more process to start before
-    the workers can (benchmarks/RESULTS.md: -12% CPU, -2 s of a short run's wall time on 2 cores). Without
+    the workers can (benchmarks/RESULTS.md: -10% of a short run's CPU and wall time on 2 cores). Without
     datasets its callback is left out; with them (the `ray_data` loader) everything is as Ray Train has it.
     `_create_default_callbacks` is Ray Train's own hook, not a public API: tests/test_distributed.py checks
     both cases against the installed Ray."""

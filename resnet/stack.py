@@ -79,9 +79,9 @@ MLFLOW_ARTIFACTS = "s3://mlflow/artifacts"
 MLFLOW_ADMIN = "admin"  # the MLflow server's user (basic auth); its password is generated into secrets.json
 REGION = "us-east-1"
 HEALTH_TIMEOUT = 180.0  # seconds per service: MLflow alone takes 15-60 s on a slow 2-core machine
-# the user-facing ports: preferred values, else any free port
 # How long an MLflow server worker keeps a password it checked (MLflow's auth_cache_ttl_seconds; 0: off).
 AUTH_CACHE_S = 60
+# the user-facing ports: preferred values, else any free port
 DEFAULT_PORTS = {"s3": 8333, "mlflow": 5000, "postgres": 5432, "gcs": 6379, "dashboard": 8265}
 LOOPBACK = "127.0.0.1"
 
@@ -867,10 +867,10 @@ class Stack:
         ]
         # MLflow's basic-auth app: every request but /health needs a user; the admin is made on the first start
         # with the generated password (then kept in its user store: mlflow-auth.db, or the mlflow_auth database
-        # on PostgreSQL); nobody else has any right. Each request's password check is a scrypt hash, ~0.15 s of
-        # CPU by design: a server worker keeps a checked password (by an HMAC under a per-process key, never the
-        # password) for AUTH_CACHE_S. A password changed through the API takes effect at once on the worker that
-        # changed it, on the other within AUTH_CACHE_S.
+        # on PostgreSQL); nobody else has any right. Each request's password check is a scrypt hash, ~0.3 s of
+        # the server's CPU by design (benchmarks/RESULTS.md): a server worker keeps a checked password (by an
+        # HMAC under a per-process key, never the password) for AUTH_CACHE_S. A password changed through the
+        # API takes effect at once on the worker that changed it, on the other within AUTH_CACHE_S.
         auth = self.state_dir / "mlflow-auth.ini"
         _write_private(
             auth,
