@@ -27,13 +27,12 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
+from children import run_child
+
 VARIANTS = {
     "ray_train": {},
     "trainer": {},
@@ -106,15 +105,8 @@ def main() -> None:
     measured: dict[str, dict[str, list[float]]] = {v: {"wall_s": [], "cpu_s": []} for v in variants}
     for round_ in range(args.rounds):
         for variant in variants:
-            env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_", "MLFLOW_"))}
-            env |= {"RESNET_PROGRESS": "0", "PYTHONUNBUFFERED": "1"} | VARIANTS[variant]
-            command = [sys.executable, __file__, "--child", variant, "--runs", str(args.runs)]
-            done = subprocess.run(
-                [*command, "--epochs", str(args.epochs)], cwd=REPO, env=env, capture_output=True, text=True
-            )
-            if done.returncode:
-                raise SystemExit(f"[{variant}] failed:\n{(done.stdout + done.stderr)[-4000:]}")
-            row = json.loads(done.stdout.strip().splitlines()[-1])
+            options = ("--runs", str(args.runs), "--epochs", str(args.epochs))
+            row = run_child(__file__, variant, VARIANTS[variant], *options)
             for key in ("wall_s", "cpu_s"):
                 measured[variant][key] += row[key]
             print(f"round {round_ + 1} {variant}: {json.dumps(row)}", flush=True)

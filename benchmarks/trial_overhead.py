@@ -25,17 +25,16 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
+from children import run_child
+
 import resnet  # noqa: E402, F401  (sets its environment defaults before Ray is imported, below)
 
-REPO = Path(__file__).resolve().parent.parent
 TIMES: dict[str, dict] = {"start": {}, "results": {}, "end": {}}
 
 
@@ -186,15 +185,8 @@ def main() -> None:
         return
     rows = []
     for variant in args.variants.split(","):
-        env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_ADDRESS", "MLFLOW_"))}
-        env |= {"RESNET_PROGRESS": "0", "PYTHONUNBUFFERED": "1"} | VARIANTS[variant]
-        command = [sys.executable, __file__, "--child", variant, "--trials", str(args.trials)]
-        done = subprocess.run(
-            [*command, "--epochs", str(args.epochs)], cwd=REPO, env=env, capture_output=True, text=True
-        )
-        if done.returncode:
-            raise SystemExit(f"[{variant}] failed:\n{(done.stdout + done.stderr)[-4000:]}")
-        rows.append(json.loads(done.stdout.strip().splitlines()[-1]))
+        options = ("--trials", str(args.trials), "--epochs", str(args.epochs))
+        rows.append(run_child(__file__, variant, VARIANTS[variant], *options))
         print(json.dumps(rows[-1]), flush=True)
     columns = (
         "startup_s",
