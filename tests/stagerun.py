@@ -76,3 +76,29 @@ def copy_project(repo_root: Path, work: Path, params: dict, ray_address: str) ->
         "PATH": f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}",  # dvc.yaml's `python`
         "PYTHONUNBUFFERED": "1",
     }
+
+
+def ray_train_logs(newer_than: float, lines: int = 15) -> str:
+    """The last `lines` of each Ray Train controller's log on this process's Ray node written since
+    `newer_than` (time.time()): where a run stood when a test timed out waiting for it."""
+    import ray
+
+    logs = Path(ray._private.worker._global_node.get_session_dir_path()) / "logs" / "train"
+    tails = []
+    for log in sorted(logs.glob("ray-train-sys-controller-*.log")):
+        if log.stat().st_mtime >= newer_than:
+            tails.append(
+                "\n".join([f"--- {log.name}", *map(_log_record, log.read_text().splitlines()[-lines:])])
+            )
+    return "\n".join(tails)
+
+
+def _log_record(line: str) -> str:
+    """A line of a Ray Train log (a JSON object) as its time, level and message."""
+    import json
+
+    try:
+        record = json.loads(line)
+        return f"{record['asctime']} {record['levelname']} {record['message'][:300]}"
+    except (ValueError, KeyError, TypeError):
+        return line[:300]
