@@ -1,15 +1,18 @@
 """The registry as the system of record, on the pipeline run by `pipeline_project` (tiny params, embedded
 MLflow store): lineage on every stage run, system metrics, the first version champion with its model card,
 idempotent re-registration, and `champion` moving only on evidence (a worse model after
-`dvc exp run -S pretrain.epochs=1` is the challenger; a significantly better one takes the alias)."""
+`dvc exp run -S finetune.epochs=1` is the challenger; a significantly better one takes the alias, in a project
+of its own that needs no Ray cluster)."""
 
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import yaml
 
@@ -145,14 +148,68 @@ def test_registering_the_same_model_again_registers_nothing(pipeline_project, tm
     assert len(client.search_model_versions(f"name = '{NAME}'")) == len(before)
 
 
-def test_a_significantly_better_model_takes_the_champion_alias(pipeline_project, tmp_path):
+@pytest.fixture
+def bright_dark_project(tmp_path, repo_root) -> dict:
+    """A project without Ray (so its test runs beside the Ray cluster's, not after them): the repository's
+    params, a prepared two-class set (dark and bright 16 px images, 40 test images) where the finetune stage
+    would put it, a ResNet-20 trained on it in this process as the tuned model, and its evaluation:
+    {"dir", "env"}, as `_run` takes them."""
+    import torch
+
+    from resnet.config import AugmentConfig, PretrainConfig, load_config
+    from resnet.data.loading import load_prepared
+    from resnet.data.prepare import write_prepared
+    from resnet.data.sources import RawDataset
+    from resnet.engine import fit, save_model_file
+    from resnet.models import build_model
+    from resnet.stages import evaluate
+
+    work = tmp_path / "project"
+    work.mkdir()
+    (work / "params.yaml").write_text((repo_root / "params.yaml").read_text())
+    cfg = load_config(work / "params.yaml")
+    rng = np.random.default_rng(0)
+    labels = np.repeat([0, 1], 100)
+    images = np.where(labels[:, None, None, None] == 1, 170, 70) + rng.integers(-30, 30, (200, 16, 16, 3))
+    raw = RawDataset(images.astype(np.uint8), labels, ("dark", "bright"))
+    data_dir = work / "data" / "prepared" / cfg.finetune.dataset
+    write_prepared(raw, data_dir, val=0.2, test=0.2, seed=0, source="bright-dark")
+    data = load_prepared(data_dir, splits=("train", "val"))
+    torch.manual_seed(0)
+    model = fit(
+        build_model("resnet20", 2),
+        data,
+        PretrainConfig(epochs=2, batch_size=16, lr=0.05),
+        AugmentConfig(crop_padding=0),
+        device=torch.device("cpu"),
+    )
+    meta = {
+        "model_name": "resnet20",
+        "num_classes": 2,
+        "classes": list(data.classes),
+        "image_size": 16,
+        "mean": list(data.mean),
+        "std": list(data.std),
+        "data_hash": data.content_hash,
+    }
+    save_model_file(work / "models/tune/model.pt", model, meta)
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "RAY_ADDRESS"))}
+    with pytest.MonkeyPatch.context() as here:
+        here.chdir(work)  # the stage's default paths, and the embedded MLflow store (mlruns.db)
+        for name in [k for k in os.environ if k.startswith("MLFLOW_")]:
+            here.delenv(name)
+        evaluate.run(cfg)
+    return {"dir": work, "env": env}
+
+
+def test_a_significantly_better_model_takes_the_champion_alias(bright_dark_project, tmp_path):
     """Under another registered name: a crippled copy of the tuned model (its classifier zeroed: one class for
     every image) becomes the first champion; the tuned model, far better on the same test images, replaces it."""
     import torch
 
     from resnet.engine import load_model_file, save_model_file
 
-    work = pipeline_project["dir"]
+    work = bright_dark_project["dir"]
     model, meta = load_model_file(work / "models/tune/model.pt")
     with torch.no_grad():
         model.fc.weight.zero_()
@@ -162,7 +219,7 @@ def test_a_significantly_better_model_takes_the_champion_alias(pipeline_project,
     other = ["-S", "register.model_name=resnet-digits-evidence"]
     outputs = ["--confusion", str(tmp_path / "c.csv"), "--calibration", str(tmp_path / "cal.csv")]
     _run(
-        pipeline_project,
+        bright_dark_project,
         "-m",
         "pipelines.evaluate",
         "--model",
@@ -174,7 +231,7 @@ def test_a_significantly_better_model_takes_the_champion_alias(pipeline_project,
         *outputs,
     )
     _run(
-        pipeline_project,
+        bright_dark_project,
         "-m",
         "pipelines.register",
         "--model",
@@ -186,7 +243,7 @@ def test_a_significantly_better_model_takes_the_champion_alias(pipeline_project,
         *other,
     )
     done = _run(
-        pipeline_project, "-m", "pipelines.register", "--out", str(tmp_path / "good-reg.json"), *other
+        bright_dark_project, "-m", "pipelines.register", "--out", str(tmp_path / "good-reg.json"), *other
     )
     record = json.loads((tmp_path / "good-reg.json").read_text())
     decision = record["decision"]
