@@ -150,10 +150,10 @@ def test_registering_the_same_model_again_registers_nothing(pipeline_project, tm
 
 @pytest.fixture
 def bright_dark_project(tmp_path, repo_root) -> dict:
-    """A project without Ray (so its test runs beside the Ray cluster's, not after them): the repository's
-    params, a prepared two-class set (dark and bright 16 px images, 40 test images) where the finetune stage
-    would put it, a ResNet-20 trained on it in this process as the tuned model, and its evaluation:
-    {"dir", "env"}, as `_run` takes them."""
+    """A project that needs no Ray cluster and no pipeline run (the test is about the registry only): the
+    repository's params, a prepared two-class set (dark and bright 16 px images, 40 test images) where the
+    finetune stage would put it, a ResNet-20 trained on it in this process as the tuned model, and its
+    evaluation: {"dir", "env"}, as `_run` takes them."""
     import torch
 
     from resnet.config import AugmentConfig, PretrainConfig, load_config
