@@ -21,6 +21,12 @@ def stage_command(stage: str, work: Path, data: Path, **outputs: str) -> list[st
 REPO = Path(__file__).resolve().parent.parent
 
 
+def own_env() -> dict[str, str]:
+    """This process's environment without its MLflow settings and Ray address: what a stage run from a test
+    starts from, so that it uses only the store and cluster the test gives it."""
+    return {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "RAY_ADDRESS"))}
+
+
 def run_stage_ok(command: list[str], env: dict[str, str], timeout: float = 600) -> str:
     """Run a stage command from the repository root; fail with its output's tail unless it exits 0. Returns
     its stdout and stderr together."""
@@ -32,7 +38,7 @@ def run_stage_ok(command: list[str], env: dict[str, str], timeout: float = 600) 
 
 def stage_env(ray_address: str, work: Path, **extra: str) -> dict[str, str]:
     """This process's environment for a stage run: the session's Ray cluster, an MLflow store in `work`."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "RAY_ADDRESS"))}
+    env = own_env()
     return env | {
         "RAY_ADDRESS": ray_address,
         "MLFLOW_TRACKING_URI": f"sqlite:///{work / 'mlflow.db'}",
@@ -70,7 +76,7 @@ def copy_project(repo_root: Path, work: Path, params: dict, ray_address: str) ->
     shutil.copy(repo_root / ".dvc" / "config", work / ".dvc" / "config")
     (work / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     subprocess.run(["git", "init", "-q"], cwd=work, check=True)
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "RAY_ADDRESS"))}
+    env = own_env()
     return env | {
         "RAY_ADDRESS": ray_address,
         "PATH": f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}",  # dvc.yaml's `python`

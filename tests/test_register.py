@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
+from stagerun import own_env
 
 pytestmark = pytest.mark.integration
 
@@ -193,7 +194,7 @@ def bright_dark_project(tmp_path, repo_root) -> dict:
         "data_hash": data.content_hash,
     }
     save_model_file(work / "models/tune/model.pt", model, meta)
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "RAY_ADDRESS"))}
+    env = own_env()
     with pytest.MonkeyPatch.context() as here:
         here.chdir(work)  # the stage's default paths, and the embedded MLflow store (mlruns.db)
         for name in [k for k in os.environ if k.startswith("MLFLOW_")]:
