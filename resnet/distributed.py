@@ -73,7 +73,7 @@ def init_ray(cfg: RayConfig, stage: str = "ray") -> None:
     sweep's `SweepReporter`), and a failure reaches the driver as an exception with the worker's traceback.
     The local Ray keeps its dashboard on: Ray Train's placement-group cleanup asks the dashboard's state API,
     and without it a second Tune trial on a small machine never gets its workers. Its workers run at normal
-    priority (Ray's default is nice 15).
+    priority (Ray's default is nice 15). It listens on 127.0.0.1 only (`on_loopback_only`).
     """
     if ray.is_initialized():
         return
@@ -90,6 +90,7 @@ def init_ray(cfg: RayConfig, stage: str = "ray") -> None:
         ray.init(address=address, **quiet)
         print(f"{stage}: connected to the Ray cluster at {address}; Ray's logs are on its nodes", flush=True)
         return
+    on_loopback_only()
     context = ray.init(
         include_dashboard=True,
         dashboard_host="127.0.0.1",
@@ -105,6 +106,24 @@ def init_ray(cfg: RayConfig, stage: str = "ray") -> None:
         f"Ray's logs in {ray_log_dir()})",
         flush=True,
     )
+
+
+def on_loopback_only() -> None:
+    """From now on, a local Ray that this process starts (`ray.init()` without an address) listens on 127.0.0.1
+    only, and the addresses this process and its children give Ray for it stay 127.0.0.1.
+
+    On Linux, Ray gives a local cluster the machine's routable address and binds its servers to every interface:
+    the GCS, the raylet, every worker's gRPC server, the dashboard agent, and the metrics endpoints, which
+    answer anyone. Nothing outside this machine needs to reach a one-machine Ray; but Ray refuses 127.0.0.1 as
+    `_node_ip_address`, and rewrites a 127.0.0.1 address to connect to into the machine's. Its loopback mode
+    is what it runs on macOS and Windows, chosen by RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 and read when Ray is
+    imported: so it goes into this process's environment, which Ray's daemons, its workers and this process's
+    children inherit, and into the constant that this process's Ray read already. Under it `ray start` refuses
+    to start a worker node: call it only in a process whose Ray is this machine's own."""
+    import ray._private.ray_constants as ray_constants
+
+    os.environ[ray_constants.ENABLE_RAY_CLUSTERS_ENV_VAR] = "0"
+    ray_constants.ENABLE_RAY_CLUSTER = False
 
 
 def _keep_worker_pool_warnings_in_the_log() -> None:

@@ -85,7 +85,11 @@ def ray_address(tmp_path_factory, s3_server) -> str:
     import ray
 
     import resnet  # noqa: F401  (sets Ray's environment defaults before Ray is imported)
+    from resnet.distributed import on_loopback_only
 
+    # On 127.0.0.1 only, as a stage's own local Ray; the stages this process starts inherit the setting, which
+    # they need to join it there (the stack's nodes and clients are started without this process's RAY_ vars).
+    on_loopback_only()
     with pytest.MonkeyPatch.context() as node_env:  # the node's processes inherit this process's environment
         for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
             node_env.setenv(name, s3_server.env()[name])

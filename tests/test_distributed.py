@@ -8,12 +8,14 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import io
+import ipaddress
 import json
 import os
 import random
 import re
 import signal
 import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -22,7 +24,7 @@ import pytest
 import torch
 import yaml
 from localservers import MlflowServer
-from stagerun import ray_train_logs, stage_command, stage_env, wait_for
+from stagerun import REPO, own_env, ray_train_logs, stage_command, stage_env, wait_for
 
 EPOCHS = 5
 SNAPSHOT = "checkpoint_manager_snapshot.json"  # Ray Train's record of a run's registered checkpoints
@@ -59,8 +61,10 @@ def _actors_of_this_driver(class_name: str) -> list:
     import ray
     from ray.util.state import list_actors
 
-    job = ray.get_runtime_context().get_job_id()
-    return list_actors(filters=[("class_name", "=", class_name), ("job_id", "=", job)], detail=True)
+    context = ray.get_runtime_context()
+    filters = [("class_name", "=", class_name), ("job_id", "=", context.get_job_id())]
+    # The cluster's address, given: without it Ray looks for one on the machine and fails where it finds several.
+    return list_actors(address=context.gcs_address, filters=filters, detail=True)
 
 
 KILLS = 3
@@ -140,6 +144,82 @@ class _Lines:
         self.stop.set()
         self.thread.join(timeout=5)
         return self.lines
+
+
+def _listening(pids: set[int]) -> set[tuple[str, int]]:
+    """(address, port) of each TCP socket that one of `pids` listens on."""
+    import psutil
+
+    return {
+        (c.laddr.ip, c.laddr.port)
+        for c in psutil.net_connections("inet")
+        if c.status == psutil.CONN_LISTEN and c.pid in pids
+    }
+
+
+def _off_loopback(listening: set[tuple[str, int]]) -> list[str]:
+    """The listeners that other machines could reach: any address but 127.0.0.0/8 and ::1 (an IPv4 loopback
+    address mapped into IPv6 counts as loopback; 0.0.0.0 and :: do not)."""
+
+    def loopback(ip: str) -> bool:
+        address = ipaddress.ip_address(ip)
+        mapped = getattr(address, "ipv4_mapped", None)
+        return address.is_loopback or bool(mapped and mapped.is_loopback)
+
+    return sorted(f"{ip}:{port}" for ip, port in listening if not loopback(ip))
+
+
+# A stage's own local Ray (no cluster configured), one task run on it, then every listener of its processes.
+_LOCAL_RAY = """
+import json, time, psutil, ray
+from resnet.config import RayConfig
+from resnet.distributed import init_ray
+
+init_ray(RayConfig(), "probe")
+ray.get(ray.remote(lambda: 0).remote())  # a worker process up, with its own gRPC server
+here, seen = psutil.Process(), set()
+for _ in range(3):  # the dashboard's metrics endpoints may come up after ray.init returns
+    tree = {here.pid, *(child.pid for child in here.children(recursive=True))}
+    seen |= {(c.laddr.ip, c.laddr.port) for c in psutil.net_connections("inet") if c.status == "LISTEN" and c.pid in tree}
+    time.sleep(1)
+print(json.dumps({"gcs": ray.get_runtime_context().gcs_address, "listening": sorted(seen)}))
+"""
+
+
+@pytest.mark.integration
+def test_a_stages_own_local_ray_listens_on_loopback_only(tmp_path):
+    """With no cluster configured a stage starts a Ray of its own: nothing of it is reachable from another
+    machine. On Linux Ray would bind the GCS, the raylet, every worker and the dashboard agent to every interface
+    and its metrics endpoints (unauthenticated) too."""
+    done = subprocess.run(
+        [sys.executable, "-c", _LOCAL_RAY],
+        cwd=tmp_path,
+        env=own_env() | {"PYTHONPATH": str(REPO)},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert re.search(
+        r"^probe: started a local Ray with \d+ CPUs \(dashboard http://127\.0\.0\.1:", done.stdout, re.M
+    )
+    found = json.loads(done.stdout.strip().splitlines()[-1])
+    listening = {(ip, port) for ip, port in found["listening"]}
+    # The GCS, the raylet, the dashboard and its agents, the worker: each with at least one listener, all seen.
+    assert int(found["gcs"].rsplit(":", 1)[1]) in {port for _, port in listening}
+    assert len(listening) >= 6, listening
+    assert _off_loopback(listening) == []
+
+
+@pytest.mark.integration
+def test_the_session_cluster_listens_on_loopback_only(ray_address):
+    """The test session's Ray cluster (and the S3 server it holds keys of), started as a stage starts its own."""
+    import psutil
+
+    here = psutil.Process()
+    listening = _listening({here.pid, *(child.pid for child in here.children(recursive=True))})
+    assert int(ray_address.rsplit(":", 1)[1]) in {port for _, port in listening}
+    assert _off_loopback(listening) == []
 
 
 @pytest.mark.integration
