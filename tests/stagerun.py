@@ -27,6 +27,19 @@ def own_env() -> dict[str, str]:
     return {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "RAY_ADDRESS"))}
 
 
+def listening(root_pid: int) -> set[tuple[str, int]]:
+    """(address, port) of each TCP socket that process `root_pid` or one of its descendants listens on."""
+    import psutil
+
+    root = psutil.Process(root_pid)
+    tree = {root_pid, *(child.pid for child in root.children(recursive=True))}
+    return {
+        (c.laddr.ip, c.laddr.port)
+        for c in psutil.net_connections("inet")
+        if c.status == psutil.CONN_LISTEN and c.pid in tree
+    }
+
+
 def run_stage_ok(command: list[str], env: dict[str, str], timeout: float = 600) -> str:
     """Run a stage command from the repository root; fail with its output's tail unless it exits 0. Returns
     its stdout and stderr together."""

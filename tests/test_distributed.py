@@ -24,7 +24,7 @@ import pytest
 import torch
 import yaml
 from localservers import MlflowServer
-from stagerun import REPO, own_env, ray_train_logs, stage_command, stage_env, wait_for
+from stagerun import REPO, listening, own_env, ray_train_logs, stage_command, stage_env, wait_for
 
 EPOCHS = 5
 SNAPSHOT = "checkpoint_manager_snapshot.json"  # Ray Train's record of a run's registered checkpoints
@@ -146,17 +146,6 @@ class _Lines:
         return self.lines
 
 
-def _listening(pids: set[int]) -> set[tuple[str, int]]:
-    """(address, port) of each TCP socket that one of `pids` listens on."""
-    import psutil
-
-    return {
-        (c.laddr.ip, c.laddr.port)
-        for c in psutil.net_connections("inet")
-        if c.status == psutil.CONN_LISTEN and c.pid in pids
-    }
-
-
 def _off_loopback(listening: set[tuple[str, int]]) -> list[str]:
     """The listeners that other machines could reach: any address but 127.0.0.0/8 and ::1 (an IPv4 loopback
     address mapped into IPv6 counts as loopback; 0.0.0.0 and :: do not)."""
@@ -171,16 +160,16 @@ def _off_loopback(listening: set[tuple[str, int]]) -> list[str]:
 
 # A stage's own local Ray (no cluster configured), one task run on it, then every listener of its processes.
 _LOCAL_RAY = """
-import json, time, psutil, ray
+import json, os, time, ray
 from resnet.config import RayConfig
 from resnet.distributed import init_ray
+from stagerun import listening
 
 init_ray(RayConfig(), "probe")
 ray.get(ray.remote(lambda: 0).remote())  # a worker process up, with its own gRPC server
-here, seen = psutil.Process(), set()
+seen = set()
 for _ in range(3):  # the dashboard's metrics endpoints may come up after ray.init returns
-    tree = {here.pid, *(child.pid for child in here.children(recursive=True))}
-    seen |= {(c.laddr.ip, c.laddr.port) for c in psutil.net_connections("inet") if c.status == "LISTEN" and c.pid in tree}
+    seen |= listening(os.getpid())
     time.sleep(1)
 print(json.dumps({"gcs": ray.get_runtime_context().gcs_address, "listening": sorted(seen)}))
 """
@@ -196,7 +185,7 @@ def test_a_stages_own_local_ray_listens_on_loopback_only(tmp_path):
         cwd=tmp_path,
         # Not the setting this test proves init_ray makes (a process that started the session cluster has it).
         env={k: v for k, v in own_env().items() if k != "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"}
-        | {"PYTHONPATH": str(REPO)},
+        | {"PYTHONPATH": f"{REPO}{os.pathsep}{REPO / 'tests'}"},
         capture_output=True,
         text=True,
         timeout=300,
@@ -206,22 +195,19 @@ def test_a_stages_own_local_ray_listens_on_loopback_only(tmp_path):
         r"^probe: started a local Ray with \d+ CPUs \(dashboard http://127\.0\.0\.1:", done.stdout, re.M
     )
     found = json.loads(done.stdout.strip().splitlines()[-1])
-    listening = {(ip, port) for ip, port in found["listening"]}
+    sockets = {(ip, port) for ip, port in found["listening"]}
     # The GCS, the raylet, the dashboard and its agents, the worker: each with at least one listener, all seen.
-    assert int(found["gcs"].rsplit(":", 1)[1]) in {port for _, port in listening}
-    assert len(listening) >= 6, listening
-    assert _off_loopback(listening) == []
+    assert int(found["gcs"].rsplit(":", 1)[1]) in {port for _, port in sockets}
+    assert len(sockets) >= 6, sockets
+    assert _off_loopback(sockets) == []
 
 
 @pytest.mark.integration
 def test_the_session_cluster_listens_on_loopback_only(ray_address):
     """The test session's Ray cluster (and the S3 server it holds keys of), started as a stage starts its own."""
-    import psutil
-
-    here = psutil.Process()
-    listening = _listening({here.pid, *(child.pid for child in here.children(recursive=True))})
-    assert int(ray_address.rsplit(":", 1)[1]) in {port for _, port in listening}
-    assert _off_loopback(listening) == []
+    sockets = listening(os.getpid())
+    assert int(ray_address.rsplit(":", 1)[1]) in {port for _, port in sockets}
+    assert _off_loopback(sockets) == []
 
 
 @pytest.mark.integration
