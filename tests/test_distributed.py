@@ -146,7 +146,7 @@ class _Lines:
         return self.lines
 
 
-def _off_loopback(listening: set[tuple[str, int]]) -> list[str]:
+def _off_loopback(sockets: set[tuple[str, int]]) -> list[str]:
     """The listeners that other machines could reach: any address but 127.0.0.0/8 and ::1 (an IPv4 loopback
     address mapped into IPv6 counts as loopback; 0.0.0.0 and :: do not)."""
 
@@ -155,7 +155,7 @@ def _off_loopback(listening: set[tuple[str, int]]) -> list[str]:
         mapped = getattr(address, "ipv4_mapped", None)
         return address.is_loopback or bool(mapped and mapped.is_loopback)
 
-    return sorted(f"{ip}:{port}" for ip, port in listening if not loopback(ip))
+    return sorted(f"{ip}:{port}" for ip, port in sockets if not loopback(ip))
 
 
 # A stage's own local Ray (no cluster configured), one task run on it, then every listener of its processes.
