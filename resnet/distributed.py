@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pyarrow.fs
 import ray
 import ray.train
 import torch
@@ -177,6 +178,32 @@ class Storage:
         return Checkpoint(path, filesystem=self.filesystem)
 
 
+# Attempts of each request to the S3 storage of a run (checkpoints, Ray Train's run state), where pyarrow makes 3:
+# AWS's standard retries back off up to 1 s, 2 s, 4 s, ... between them, so a request rides out ~15-20 s of an
+# S3 server that does not answer (restarted, a network blip) instead of ~2 s; Ray retries a checkpoint's upload
+# 3 times on top. A worker group lost to a failed upload costs a restart from the last checkpoint.
+# Errors S3 answers (403, 404, a bad bucket) are not retried.
+S3_ATTEMPTS = 6
+
+
+class RetryingS3FileSystem(pyarrow.fs.S3FileSystem):
+    """pyarrow's S3 filesystem with S3_ATTEMPTS attempts per request, kept when pickled: Ray pickles a run's
+    storage filesystem to its controller and workers, and pyarrow's own pickling drops the retry strategy."""
+
+    def __init__(self, **settings):
+        super().__init__(
+            retry_strategy=pyarrow.fs.AwsStandardS3RetryStrategy(max_attempts=S3_ATTEMPTS), **settings
+        )
+
+    def __reduce__(self):
+        settings = super().__reduce__()[1][0]  # pyarrow's construction arguments (credentials only if given)
+        return _retrying_s3, (settings,)
+
+
+def _retrying_s3(settings: dict) -> RetryingS3FileSystem:
+    return RetryingS3FileSystem(**settings)
+
+
 def storage_path(cfg: RayConfig, root: str | Path = ".") -> Storage:
     """`ray.storage_path` for Ray, always with its filesystem named, so that the checkpoint paths Ray reports
     (on that filesystem, without the scheme) can be opened again: a local path is made absolute (relative ones
@@ -188,8 +215,6 @@ def storage_path(cfg: RayConfig, root: str | Path = ".") -> Storage:
     uri = cfg.storage_path
     if "://" not in uri:
         return Storage(str((Path(root) / uri).resolve()))
-    import pyarrow.fs
-
     if is_s3_uri(uri):
         bucket, prefix = split_s3_uri(uri)
         path = f"{bucket}/{prefix}".rstrip("/")
@@ -197,11 +222,13 @@ def storage_path(cfg: RayConfig, root: str | Path = ".") -> Storage:
         region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
         if endpoint:
             return Storage(
-                path, pyarrow.fs.S3FileSystem(endpoint_override=endpoint, region=region or "us-east-1")
+                path, RetryingS3FileSystem(endpoint_override=endpoint, region=region or "us-east-1")
             )
         if region:
-            return Storage(path, pyarrow.fs.S3FileSystem(region=region))
+            return Storage(path, RetryingS3FileSystem(region=region))
     filesystem, path = pyarrow.fs.FileSystem.from_uri(uri)
+    if isinstance(filesystem, pyarrow.fs.S3FileSystem):  # in the bucket's region, which pyarrow asked AWS for
+        filesystem = RetryingS3FileSystem(region=filesystem.region)
     return Storage(path, filesystem)
 
 

@@ -68,6 +68,9 @@ def _actors_of_this_driver(class_name: str) -> list:
 
 
 KILLS = 3
+# How long the S3 server stays down mid-run: past what pyarrow's default retries and Ray's three upload attempts
+# ride out (~7-10 s: a worker group was lost to it), within what the run's storage filesystem does.
+S3_DOWN_S = 15
 KILLED_EPOCHS = 7
 # A run that lost workers three times ends where an uninterrupted run with the same seed ends, to this absolute
 # tolerance on its losses and accuracies: each restart continues from the checkpoint's weights, optimizer,
@@ -424,7 +427,7 @@ def test_a_stopped_pretrain_stage_resumes_its_run_from_s3_when_started_again(
 
     # Resumed with more restarts allowed (what a user raises after a failure): an execution setting, not part of
     # the run's identity, so the same run continues and the change is recorded. After its first epoch, the S3
-    # server restarts (its process stopped, started again on the same ports 2 s later): the uploads of the
+    # server restarts (its process stopped, started again on the same ports S3_DOWN_S later): the uploads of the
     # next checkpoints meet a server that is not there.
     again = subprocess.Popen(
         [*command, "-S", "ray.max_failures=1"],
@@ -456,7 +459,7 @@ def test_a_stopped_pretrain_stage_resumes_its_run_from_s3_when_started_again(
                 + ray_train_logs(started)
             ) from None
         s3_server.stop()
-        time.sleep(2)
+        time.sleep(S3_DOWN_S)
         s3_server.start(same_ports=True)
         back = time.monotonic()
         again.wait(timeout=600)

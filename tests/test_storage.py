@@ -8,7 +8,7 @@ import pyarrow.fs
 import pytest
 
 from resnet.config import RayConfig
-from resnet.distributed import storage_path
+from resnet.distributed import RetryingS3FileSystem, storage_path
 
 
 def _s3_settings(filesystem: pyarrow.fs.S3FileSystem) -> dict:
@@ -82,6 +82,24 @@ def test_s3_with_no_region_configured_asks_aws_for_the_buckets_region(aws_isolat
     storage = storage_path(RayConfig(storage_path="s3://team-ray/runs"))
     assert asked == ["s3://team-ray/runs"] and storage.path == "team-ray/runs"
     assert _s3_settings(storage.filesystem)["region"] == "us-west-2"
+    assert type(storage.filesystem) is RetryingS3FileSystem  # the run's retries, as in every s3:// form
+
+
+@pytest.mark.parametrize("variable", ["AWS_ENDPOINT_URL_S3", "AWS_REGION"])
+def test_the_s3_filesystem_keeps_its_retries_when_ray_pickles_it_for_the_workers(aws_isolated, variable):
+    """Ray pickles a run's storage filesystem to its controller and workers, which upload the checkpoints;
+    pyarrow's own pickling drops the retry strategy (its 3 attempts rode out ~2 s of an S3 server restarting, and
+    a worker group was lost: tests/test_distributed.py's S3 restart)."""
+    import ray.cloudpickle
+
+    aws_isolated.setenv(
+        variable, "http://127.0.0.1:8333" if variable == "AWS_ENDPOINT_URL_S3" else "eu-west-1"
+    )
+    filesystem = storage_path(RayConfig(storage_path="s3://ray/runs")).filesystem
+    assert type(filesystem) is RetryingS3FileSystem
+    copy = ray.cloudpickle.loads(ray.cloudpickle.dumps(filesystem))
+    assert type(copy) is RetryingS3FileSystem
+    assert _s3_settings(copy) == _s3_settings(filesystem)
 
 
 @pytest.mark.parametrize("uri", ["s3://", "s3:///runs"])
